@@ -1,0 +1,68 @@
+"""Shared builders for the tests: a tiny model and the embedded data, all offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from xright_pl import Batching, JointDataModule, PreferenceData, RunSummary, SFTData, XRightModule
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 144,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_module(selector=None, lam=0.5, **kwargs) -> XRightModule:
+    import torch
+
+    kwargs.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=3e-3))
+    return XRightModule(model_config=dict(TINY_LLAMA), selector=selector, lam=lam, **kwargs)
+
+
+def demo_data(limit: int | None = 256, sft_bs: int = 4, dpo_bs: int = 2, **batching) -> JointDataModule:
+    return JointDataModule(
+        sft=SFTData(
+            path="builtin:demo/sft_train.jsonl",
+            eval_path="builtin:demo/sft_eval.jsonl",
+            limit=limit,
+            max_length=64,
+        ),
+        preference=PreferenceData(
+            path="builtin:demo/pref_train.jsonl",
+            eval_path="builtin:demo/pref_eval.jsonl",
+            limit=limit,
+            max_length=64,
+        ),
+        batching=Batching(sft_batch_size=sft_bs, dpo_batch_size=dpo_bs, eval_batch_size=32, **batching),
+    )
+
+
+def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("limit_val_batches", 2)
+    kwargs.setdefault("val_check_interval", max_steps)
+    return pl.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        callbacks=[RunSummary(print_table=False), *callbacks],
+        **kwargs,
+    )

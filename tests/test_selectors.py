@@ -1,0 +1,151 @@
+"""Selectors unit-tested without a Trainer."""
+
+import math
+
+import pytest
+
+from xright_pl.selectors import Alright, Maxright, Mix, Sequential, Single, StepContext
+
+
+def _branches(sel, n, losses=None):
+    return [sel.decide(i, losses or {}).branch for i in range(n)]
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.25, 0.5, 0.9])
+def test_alright_frequency_within_binomial_bounds(lam):
+    """Over n = 2000 draws the DPO count is Binomial(n, lam): mean n*lam, sd sqrt(n*lam*(1-lam)).
+
+    For lam = 0.5: mean 1000, sd 22.4; we accept mean +- 4 sd (a false alarm about once in 16,000 runs,
+    and the seed is fixed, so the test is deterministic anyway).
+    """
+    n = 2000
+    sel = Alright(seed=123).bind(lam)
+    k = _branches(sel, n).count("dpo")
+    sd = math.sqrt(n * lam * (1 - lam))
+    assert abs(k - n * lam) <= 4 * sd
+
+
+def test_alright_same_seed_same_sequence_and_state_roundtrip():
+    a = _branches(Alright(seed=7).bind(0.5), 300)
+    b = _branches(Alright(seed=7).bind(0.5), 300)
+    c = _branches(Alright(seed=8).bind(0.5), 300)
+    assert a == b
+    assert a != c
+    # Resuming from a state_dict continues the same sequence.
+    sel = Alright(seed=7).bind(0.5)
+    first = _branches(sel, 100)
+    state = sel.state_dict()
+    fresh = Alright(seed=0).bind(0.5)
+    fresh.load_state_dict(state)
+    assert first + [fresh.decide(i, {}).branch for i in range(100, 300)] == a
+
+
+@pytest.mark.parametrize("lam,expected", [(0.0, "sft"), (1.0, "dpo")])
+def test_alright_extremes(lam, expected):
+    assert set(_branches(Alright(seed=1).bind(lam), 200)) == {expected}
+
+
+def test_lam_outside_unit_interval_rejected():
+    with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
+        Alright().bind(1.5)
+    with pytest.raises(ValueError, match="lam"):
+        Mix().bind(-0.1)
+
+
+def test_maxright_picks_larger_weighted_gap():
+    """lam = 0.25, f* = (sft 1.0, dpo 0.1).
+
+    losses (sft 1.2, dpo 0.5): g_sft = 0.75 * 0.2 = 0.15, g_dpo = 0.25 * 0.4 = 0.10 -> SFT.
+    losses (sft 1.1, dpo 0.5): g_sft = 0.075 < 0.10 -> DPO.
+    Tie (g equal) goes to DPO (the rule is >=): sft 1.0 + 0.1/0.75, dpo 0.5 -> g_sft = 0.1 = g_dpo.
+    """
+    sel = Maxright(f_sft_star=1.0, f_dpo_star=0.1, eval_every=1).bind(0.25)
+    assert sel.needs(0) == ("sft", "dpo")
+    assert sel.decide(0, {"sft": 1.2, "dpo": 0.5}).branch == "sft"
+    assert sel.gaps() == pytest.approx({"sft": 0.15, "dpo": 0.10})
+    assert sel.decide(1, {"sft": 1.1, "dpo": 0.5}).branch == "dpo"
+    sel2 = Maxright(f_sft_star=1.0, f_dpo_star=0.0, eval_every=1).bind(0.5)
+    assert sel2.decide(0, {"sft": 1.25, "dpo": 0.25}).branch == "dpo"  # 0.125 >= 0.125
+
+
+def test_maxright_refreshes_only_trained_objective_and_reevaluates_every_k():
+    k = 3
+    sel = Maxright(f_sft_star=0.0, f_dpo_star=0.0, eval_every=k).bind(0.5)
+    assert sel.needs(1) == ("sft", "dpo")  # nothing tracked yet: evaluate first, whatever the step
+    d = sel.decide(0, {"sft": 2.0, "dpo": 1.0})  # g_sft 1.0 > g_dpo 0.5 -> SFT
+    assert [s for s in range(10) if sel.needs(s)] == [0, 3, 6, 9]
+    assert d.branch == "sft"
+    sel.observe(0, d, {"sft": 0.4})  # SFT's own pre-update loss refreshes only SFT
+    assert sel.values == {"sft": 0.4, "dpo": 1.0}
+    d = sel.decide(1, {})  # no evaluation: g_sft 0.2 < g_dpo 0.5 -> DPO on the tracked values
+    assert d.branch == "dpo"
+    sel.observe(1, d, {"dpo": 0.3})
+    assert sel.values == {"sft": 0.4, "dpo": 0.3}
+    d = sel.decide(2, {})
+    assert d.branch == "sft"
+    before = sel.evaluations
+    sel.decide(3, {"sft": 9.0, "dpo": 9.5})  # evaluation step: both replaced
+    assert sel.values == {"sft": 9.0, "dpo": 9.5}
+    assert sel.evaluations == before + 1
+    state = sel.state_dict()
+    other = Maxright(f_sft_star=0.0, f_dpo_star=0.0, eval_every=k).bind(0.5)
+    other.load_state_dict(state)
+    assert other.values == sel.values and other.needs(4) == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"f_sft_star": None, "f_dpo_star": 0.1}, "needs both optima"),
+        (
+            {"f_sft_star": 1.0, "f_dpo_star": 0.1, "eval_every": 0},
+            r"eval_every \(k\) must be an integer >= 1",
+        ),
+        ({"f_sft_star": float("nan"), "f_dpo_star": 0.1}, "finite"),
+    ],
+)
+def test_maxright_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Maxright(**kwargs)
+
+
+def test_sequential_switches_exactly_at_boundary():
+    sel = Sequential(first="sft", switch_step=5).bind(0.5)
+    ds = [sel.decide(i, {}) for i in range(10)]
+    assert [d.branch for d in ds] == ["sft"] * 5 + ["dpo"] * 5
+    assert [i for i, d in enumerate(ds) if d.reset_optimizer] == [5]
+    assert not any(d.reset_reference for d in ds)
+    sel = Sequential(first="sft", switch_step=5, reference="stage_start").bind(0.5)
+    assert [i for i in range(10) if sel.decide(i, {}).reset_reference] == [5]
+
+
+def test_sequential_split_follows_lam_and_epochs():
+    """lam = T_dpo / (T_sft + T_dpo): lam 0.25 over 400 steps, SFT first -> 300 SFT then 100 DPO."""
+    sel = Sequential(first="sft").bind(0.25, StepContext(max_steps=400))
+    assert sel.boundary() == 300
+    sel = Sequential(first="dpo").bind(0.25, StepContext(max_steps=400))
+    assert sel.boundary() == 100
+    sel = Sequential(first="dpo", switch_epochs=1.5).bind(0.5, StepContext(max_steps=400, steps_per_epoch={"dpo": 20}))
+    assert sel.boundary() == 30
+    with pytest.raises(ValueError, match="stage length"):
+        Sequential().bind(0.5).boundary()
+
+
+def test_sequential_bad_settings():
+    with pytest.raises(ValueError, match="first must be"):
+        Sequential(first="ppo")
+    with pytest.raises(ValueError, match="switch_step must be an integer >= 0"):
+        Sequential(switch_step=-3)
+
+
+def test_mix_weights_and_zero_weight_skipped():
+    assert dict(Mix().bind(0.25).decide(0, {}).weights) == {"sft": 0.75, "dpo": 0.25}
+    assert dict(Mix().bind(0.0).decide(0, {}).weights) == {"sft": 1.0}
+    assert dict(Mix().bind(1.0).decide(0, {}).weights) == {"dpo": 1.0}
+    assert Mix().bind(0.5).decide(0, {}).branch == "mix"
+
+
+def test_single():
+    assert set(_branches(Single("dpo").bind(0.5), 5)) == {"dpo"}
+    with pytest.raises(ValueError):
+        Single("x")

@@ -1,0 +1,3 @@
+from xright_pl.cli import main
+
+main()

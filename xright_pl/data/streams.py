@@ -1,0 +1,204 @@
+"""Resumable per-objective batch streams that advance only when their batch is trained on.
+
+Joint training draws a batch from one objective at a time (or both, for Mix). A plain zip of two data
+loaders would fetch a batch of each at every step and throw one away. Instead each objective owns a
+:class:`BatchStream`: an endless sequence of epochs, each a seeded permutation of its dataset, read in order.
+:meth:`BatchStream.peek` fetches the next batch (and keeps returning it), :meth:`BatchStream.consume` marks it
+trained. A batch that was looked at but not trained (MAXRIGHT's evaluation of the objective it then does
+not train) is therefore the next one that objective trains on: each dataset is consumed in order, nothing is
+skipped, and the two datasets need not have equal length.
+
+The stream's position (epoch, batches consumed) is all the state needed to resume exactly: the batch order
+is a function of ``(seed, epoch)``. Under data parallelism every process reads its own slice of each global
+batch; epochs whose length is not a multiple of the world size are padded by wrapping around (as
+:class:`torch.utils.data.DistributedSampler` does), so no example is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class _EpochBatchSampler(Sampler[list[int]]):
+    """Batches of indices of one epoch of one process, starting at batch ``start``."""
+
+    def __init__(self, order: list[int], batch_size: int, rank: int, world_size: int, start: int) -> None:
+        self.order, self.batch_size, self.rank, self.world_size, self.start = (
+            order,
+            batch_size,
+            rank,
+            world_size,
+            start,
+        )
+        self.global_batch = batch_size * world_size
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(len(self.order) / self.global_batch) - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.order)
+        for b in range(self.start, math.ceil(n / self.global_batch)):
+            chunk = self.order[b * self.global_batch : (b + 1) * self.global_batch]
+            if len(chunk) < self.global_batch and self.world_size > 1:
+                # Last global batch: split evenly, wrapping around so every process has the same size.
+                per_rank = math.ceil(len(chunk) / self.world_size)
+                chunk = (chunk * self.world_size)[: per_rank * self.world_size]
+                yield chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
+            else:
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+
+class BatchStream:
+    """An endless, resumable stream of batches of one dataset.
+
+    Args:
+        name: objective name (``sft`` or ``dpo``), used in messages.
+        dataset: a map-style dataset (e.g. a tokenized ``datasets.Dataset``).
+        batch_size: examples per batch on each process.
+        collate_fn: turns a list of rows into a batch.
+        seed: seed of the per-epoch permutations (same on every process).
+        shuffle: permute each epoch (else dataset order).
+        rank, world_size: this process's slice of each global batch.
+        num_workers: data loader worker processes.
+        order_fn: optional ``(epoch, generator) -> list[int]`` overriding the epoch order (length grouping).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dataset: Any,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        order_fn: Callable[[int, torch.Generator], Sequence[int]] | None = None,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError(f"the {name} training set is empty")
+        self.name = name
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.order_fn = order_fn
+        self.epoch = 0
+        self.position = 0  # batches consumed in the current epoch
+        self.consumed_batches = 0
+        self.consumed_examples = 0
+        self._iter: Iterator[Any] | None = None
+        self._pending: Any = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on this process."""
+        return math.ceil(len(self.dataset) / (self.batch_size * self.world_size))
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.order_fn is not None:
+            return list(self.order_fn(epoch, g))
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def _open(self) -> Iterator[Any]:
+        sampler = _EpochBatchSampler(
+            self._order(self.epoch), self.batch_size, self.rank, self.world_size, self.position
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def peek(self) -> Any:
+        """The next untrained batch (the same one until :meth:`consume` is called)."""
+        if self._pending is None:
+            if self._iter is None:
+                self._iter = self._open()
+            try:
+                self._pending = next(self._iter)
+            except StopIteration:  # the epoch's sampler ran out without consume() closing it
+                self._iter = None
+                self.epoch, self.position = self.epoch + 1, 0
+                return self.peek()
+        return self._pending
+
+    def consume(self, num_examples: int) -> None:
+        """Mark the peeked batch as trained on."""
+        if self._pending is None:
+            raise RuntimeError(f"consume() on the {self.name} stream without a peeked batch")
+        self._pending = None
+        self.position += 1
+        self.consumed_batches += 1
+        self.consumed_examples += num_examples
+        if self.position >= len(self):
+            self.epoch, self.position, self._iter = self.epoch + 1, 0, None
+
+    @property
+    def epochs_done(self) -> float:
+        """Fractional epochs consumed."""
+        return self.epoch + self.position / max(1, len(self))
+
+    def state(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "consumed_batches": self.consumed_batches,
+            "consumed_examples": self.consumed_examples,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
+
+    def restore(self, state: dict[str, int]) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(
+                f"cannot resume the {self.name} data position: the checkpoint was written with"
+                f" {state['world_size']} processes, this run has {self.world_size}"
+            )
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self.consumed_batches = state["consumed_batches"]
+        self.consumed_examples = state["consumed_examples"]
+        self.seed = state.get("seed", self.seed)
+        self._iter, self._pending = None, None
+
+
+class StreamTicket:
+    """What the training loader yields per objective: a handle on the stream, not a batch.
+
+    The module asks the stream for the batch only if the selector chose that objective.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
+
+
+class TicketIterable:
+    """An endless iterable of :class:`StreamTicket` of a given length per epoch, for a ``CombinedLoader``."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[StreamTicket]:
+        while True:
+            yield StreamTicket(self.stream)

@@ -1,0 +1,342 @@
+"""Selectors: the algorithms that decide which objective each optimizer step trains.
+
+A selector is a small :class:`~lightning.pytorch.callbacks.Callback` with its own seeded state and a
+``state_dict``, so a resumed run continues the exact same sequence of decisions. The module asks it at
+the first micro-batch of every optimizer step (see :meth:`xright_pl.module.XRightModule.training_step`):
+
+1. :meth:`Selector.needs` names the objectives whose loss on the current batches it wants to see before
+   deciding (MAXRIGHT on its evaluation steps; nothing for the others);
+2. :meth:`Selector.decide` returns a :class:`Decision`: the weight of each objective in this step's
+   backward pass (``{"dpo": 1.0}`` for a DPO step, ``{"sft": 1 - lam, "dpo": lam}`` for Mix) and whether
+   the optimizer (and the DPO reference) must be re-created first;
+3. after the optimizer step, :meth:`Selector.observe` receives the pre-update loss of each trained objective.
+
+Every input to a decision is identical on every process (a generator seeded the same everywhere; losses
+averaged across processes by the module before they reach the selector), so all ranks take the same branch
+by construction. A new algorithm is a new subclass; the module does not change.
+
+``lam`` is the weight of the DPO objective in the target ``lam * f_dpo + (1 - lam) * f_sft``. It belongs to
+the module (``--model.lam``), which hands it to its selector with :meth:`Selector.bind`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+OBJECTIVES = ("sft", "dpo")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one optimizer step does.
+
+    Attributes:
+        weights: objective name (``"sft"`` or ``"dpo"``) to the weight of its loss in the backward pass.
+            Objectives not listed are not trained this step (and their batch is not consumed).
+        reset_optimizer: re-create the optimizer and LR scheduler before this step (Sequential's switch).
+        reset_reference: make the DPO reference a frozen copy of the current policy before this step.
+    """
+
+    weights: Mapping[str, float]
+    reset_optimizer: bool = False
+    reset_reference: bool = False
+
+    @property
+    def branch(self) -> str:
+        """``"sft"``, ``"dpo"`` or ``"mix"``."""
+        return next(iter(self.weights)) if len(self.weights) == 1 else "mix"
+
+
+@dataclass
+class StepContext:
+    """What a selector may read about the run (filled in by the module at setup)."""
+
+    max_steps: int = -1
+    """Total optimizer steps of the run (-1: unknown)."""
+    steps_per_epoch: dict[str, int] = field(default_factory=dict)
+    """Optimizer steps one epoch of each objective's data takes when trained alone."""
+
+
+class Selector(Callback):
+    """Base class. Subclasses implement :meth:`decide` (and :meth:`needs`/:meth:`observe` if they use losses)."""
+
+    name: str = "selector"
+
+    def __init__(self) -> None:
+        self.lam: float | None = None
+        self.context = StepContext()
+
+    # --- wiring ---------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return f"xright_pl.{type(self).__qualname__}"
+
+    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
+        """Give the selector the trade-off weight ``lam`` (and facts about the run). Returns ``self``."""
+        check_lam(lam)
+        self.lam = float(lam)
+        if context is not None:
+            self.context = context
+        return self
+
+    def _lam(self) -> float:
+        if self.lam is None:
+            raise RuntimeError(f"{type(self).__name__} has no lam: call bind(lam) (the module does this).")
+        return self.lam
+
+    # --- protocol -------------------------------------------------------------------------------------
+    def needs(self, step: int) -> tuple[str, ...]:
+        """Objectives whose current-batch loss must be computed before :meth:`decide` at ``step``."""
+        return ()
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        """Decide optimizer step ``step`` (0-based) given the losses asked for by :meth:`needs`."""
+        raise NotImplementedError
+
+    def observe(self, step: int, decision: Decision, losses: Mapping[str, float]) -> None:
+        """Receive the pre-update loss of each objective trained at ``step``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> str:
+        """One line for summaries and logs."""
+        return type(self).__name__.lower()
+
+
+def check_lam(lam: float) -> None:
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not (0.0 <= float(lam) <= 1.0):
+        raise ValueError(
+            f"lam must be a number in [0, 1] (the weight of the DPO objective, and ALRIGHT's probability of a"
+            f" DPO step), got {lam!r}. Set it with --model.lam 0.5."
+        )
+
+
+class Alright(Selector):
+    """ALRIGHT: each optimizer step trains DPO with probability ``lam``, else SFT.
+
+    The draw comes from a generator owned by this callback and seeded with ``seed``; every process holds
+    the same generator, so every process takes the same branch, and the generator's state is saved in
+    checkpoints.
+
+    Args:
+        seed: seed of the Bernoulli draws (same on every process).
+    """
+
+    name = "alright"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        u = torch.rand((), generator=self.generator).item()
+        return Decision({"dpo": 1.0} if u < self._lam() else {"sft": 1.0})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+        self.generator.set_state(state_dict["generator"])
+
+    def describe(self) -> str:
+        return f"alright(seed={self.seed})"
+
+
+class Maxright(Selector):
+    """MAXRIGHT: train the objective with the larger weighted gap to its optimum.
+
+    DPO is trained when ``lam * (f_dpo - f_dpo_star) >= (1 - lam) * (f_sft - f_sft_star)``, else SFT. The
+    losses ``f`` are tracked values: every ``eval_every`` optimizer steps (and at step 0) both objectives are
+    evaluated on their current batches; in between, only the objective just trained is refreshed, from its
+    own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10.
+
+    The optima must use exactly the loss normalisation of training (token-mean NLL for SFT, pair-mean sigmoid
+    DPO loss), e.g. the final validation losses of SFT-only and DPO-only runs from the same start.
+
+    Args:
+        f_sft_star: optimum (lowest reachable) SFT loss.
+        f_dpo_star: optimum (lowest reachable) DPO loss.
+        eval_every: re-evaluate both losses every this many optimizer steps (k >= 1).
+    """
+
+    name = "maxright"
+
+    def __init__(self, f_sft_star: float | None = None, f_dpo_star: float | None = None, eval_every: int = 10):
+        super().__init__()
+        problems = []
+        if f_sft_star is None or f_dpo_star is None:
+            problems.append(
+                "MAXRIGHT needs both optima: set --model.selector.init_args.f_sft_star and f_dpo_star"
+                " (the final validation losses of an SFT-only and a DPO-only run from the same start)"
+            )
+        for nm, v in (("f_sft_star", f_sft_star), ("f_dpo_star", f_dpo_star)):
+            if v is not None and not math.isfinite(float(v)):
+                problems.append(f"{nm} must be a finite number, got {v!r}")
+        if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
+            problems.append(f"eval_every (k) must be an integer >= 1, got {eval_every!r}")
+        if problems:
+            raise ValueError("Invalid MAXRIGHT settings: " + "; ".join(problems) + ".")
+        self.f_star = {"sft": float(f_sft_star), "dpo": float(f_dpo_star)}
+        self.eval_every = eval_every
+        self.values: dict[str, float] = {}
+        self.evaluations = 0
+
+    def needs(self, step: int) -> tuple[str, ...]:
+        if step % self.eval_every == 0 or len(self.values) < 2:
+            return OBJECTIVES
+        return ()
+
+    def gaps(self) -> dict[str, float]:
+        """Weighted gaps ``{"sft": (1-lam)(f_sft - f*), "dpo": lam (f_dpo - f*)}`` of the tracked values."""
+        lam = self._lam()
+        return {
+            "sft": (1.0 - lam) * (self.values["sft"] - self.f_star["sft"]),
+            "dpo": lam * (self.values["dpo"] - self.f_star["dpo"]),
+        }
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        if losses:
+            self.values.update({k: float(v) for k, v in losses.items()})
+            self.evaluations += 1
+        g = self.gaps()
+        return Decision({"dpo": 1.0} if g["dpo"] >= g["sft"] else {"sft": 1.0})
+
+    def observe(self, step: int, decision: Decision, losses: Mapping[str, float]) -> None:
+        self.values.update({k: float(v) for k, v in losses.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": dict(self.values), "evaluations": self.evaluations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.values = dict(state_dict["values"])
+        self.evaluations = state_dict["evaluations"]
+
+    def describe(self) -> str:
+        return f"maxright(k={self.eval_every}, f_sft*={self.f_star['sft']:.4g}, f_dpo*={self.f_star['dpo']:.4g})"
+
+
+class Sequential(Selector):
+    """Sequential baseline: all steps of one objective, then all of the other.
+
+    The switch step is ``switch_step`` if given, else ``switch_epochs`` epochs of the first objective's data,
+    else the split that matches ``lam = T_dpo / (T_sft + T_dpo)`` of the run's ``max_steps``. At the switch
+    the optimizer and LR scheduler are re-created, and the DPO reference is either kept (``initial``, the
+    paper's choice) or replaced by the policy as it stands (``stage_start``, common SFT -> DPO practice).
+
+    Args:
+        first: objective trained first, ``sft`` or ``dpo``.
+        switch_step: optimizer step at which the second stage starts.
+        switch_epochs: length of the first stage in epochs of its own data (used when switch_step is None).
+        reference: DPO reference in the second stage: ``initial`` or ``stage_start``.
+    """
+
+    name = "sequential"
+
+    def __init__(
+        self,
+        first: Literal["sft", "dpo"] = "sft",
+        switch_step: int | None = None,
+        switch_epochs: float | None = None,
+        reference: Literal["initial", "stage_start"] = "initial",
+    ) -> None:
+        super().__init__()
+        problems = []
+        if first not in OBJECTIVES:
+            problems.append(f"first must be 'sft' or 'dpo', got {first!r}")
+        if switch_step is not None and (not isinstance(switch_step, int) or switch_step < 0):
+            problems.append(f"switch_step must be an integer >= 0, got {switch_step!r}")
+        if switch_epochs is not None and not (switch_epochs >= 0):
+            problems.append(f"switch_epochs must be >= 0, got {switch_epochs!r}")
+        if reference not in ("initial", "stage_start"):
+            problems.append(f"reference must be 'initial' or 'stage_start', got {reference!r}")
+        if problems:
+            raise ValueError("Invalid Sequential settings: " + "; ".join(problems) + ".")
+        self.first = first
+        self.second = "dpo" if first == "sft" else "sft"
+        self.switch_step = switch_step
+        self.switch_epochs = switch_epochs
+        self.reference = reference
+
+    def boundary(self) -> int:
+        """The optimizer step at which the second objective starts."""
+        if self.switch_step is not None:
+            return self.switch_step
+        if self.switch_epochs is not None:
+            per_epoch = self.context.steps_per_epoch.get(self.first)
+            if not per_epoch:
+                raise RuntimeError("Sequential(switch_epochs=...) needs the data's steps per epoch")
+            return round(self.switch_epochs * per_epoch)
+        if self.context.max_steps is None or self.context.max_steps < 0:
+            raise ValueError(
+                "Sequential needs the stage length: set switch_step or switch_epochs, or --trainer.max_steps"
+                " so that the split can follow lam = T_dpo / (T_sft + T_dpo)."
+            )
+        share_first = self._lam() if self.first == "dpo" else 1.0 - self._lam()
+        return round(share_first * self.context.max_steps)
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        b = self.boundary()
+        if step < b:
+            return Decision({self.first: 1.0})
+        switch = step == b and b > 0
+        return Decision(
+            {self.second: 1.0},
+            reset_optimizer=switch,
+            reset_reference=switch and self.reference == "stage_start" and self.second == "dpo",
+        )
+
+    def describe(self) -> str:
+        return f"sequential({self.first}->{self.second}, switch at step {self.boundary()})"
+
+
+class Mix(Selector):
+    """Mix baseline: every step trains ``lam * f_dpo + (1 - lam) * f_sft`` on one batch of each.
+
+    The module runs the two objectives as two forward/backward passes into the same gradients, so peak
+    memory is that of the larger graph, not the sum. A zero weight skips that objective entirely.
+    """
+
+    name = "mix"
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        lam = self._lam()
+        weights = {k: w for k, w in (("sft", 1.0 - lam), ("dpo", lam)) if w > 0}
+        return Decision(weights)
+
+
+class Single(Selector):
+    """One objective only (SFT-only or DPO-only runs, e.g. to measure the optima ``f*``).
+
+    Args:
+        objective: ``sft`` or ``dpo``.
+    """
+
+    name = "single"
+
+    def __init__(self, objective: Literal["sft", "dpo"] = "sft") -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+        self.objective = objective
+
+    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
+        super().bind(lam, context)
+        return self
+
+    def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        return Decision({self.objective: 1.0})
+
+    def describe(self) -> str:
+        return f"{self.objective}_only"

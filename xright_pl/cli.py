@@ -1,14 +1,31 @@
-"""``python -m xright_pl fit|validate --config ...``: LightningCLI over the module and the data module."""
+"""``python -m xright_pl <command>``.
+
+Training commands (``fit``, ``validate``) are LightningCLI over :class:`~xright_pl.module.XRightModule` and
+:class:`~xright_pl.data.module.JointDataModule`: every constructor argument is a ``--model.*`` / ``--data.*``
+option, and ``--config file.yaml`` reads them from YAML. The other commands (``export``, ``generate``,
+``judge``, ``optimum``) are plain functions whose typed signature and docstring are their ``--help``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary
 from xright_pl.data.module import JointDataModule
+from xright_pl.errors import XRightError
 from xright_pl.module import XRightModule
+
+#: Commands that are not Trainer methods: name -> "module:function".
+EXTRA_COMMANDS: dict[str, str] = {
+    "export": "xright_pl.export:export",
+    "generate": "xright_pl.generate:generate",
+    "judge": "xright_pl.judge:judge",
+    "optimum": "xright_pl.optimum:optimum",
+}
 
 
 class XRightCLI(LightningCLI):
@@ -17,16 +34,43 @@ class XRightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunSummary, "summary")
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
-def main(args: list[str] | None = None) -> XRightCLI:
+
+def _extra_command(name: str) -> Callable:
+    module, func = EXTRA_COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run(args: list[str] | None = None) -> object:
+    """Run a command; errors a user can fix propagate as :class:`~xright_pl.errors.XRightError`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        from jsonargparse import CLI
+
+        return CLI(_extra_command(argv[0]), args=argv[1:], as_positional=False)
     return XRightCLI(
         XRightModule,
         JointDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Joint SFT + DPO post-training (ALRIGHT, MAXRIGHT, Sequential, Mix)."},
+        parser_kwargs={
+            "description": "Joint SFT + DPO post-training (ALRIGHT, MAXRIGHT, Sequential, Mix). Commands: fit,"
+            " validate, " + ", ".join(EXTRA_COMMANDS) + "."
+        },
     )
 
 
+def main(args: list[str] | None = None) -> object:
+    """Entry point: like :func:`run`, but a user error is printed as one paragraph and exits with status 2."""
+    try:
+        return run(args)
+    except XRightError as e:
+        print(f"xright_pl: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

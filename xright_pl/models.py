@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from xright_pl.errors import XRightError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
 
-class ModelError(ValueError):
+class ModelError(XRightError):
     """A model could not be built from the given name, path or config."""
 
 

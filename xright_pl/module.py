@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from xright_pl.data.streams import StreamTicket
+from xright_pl.errors import ConfigError
 from xright_pl.losses import dpo_loss, dpo_metrics, sequence_logps, sft_loss
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
 from xright_pl.selectors import OBJECTIVES, Decision, Selector, StepContext, check_lam
@@ -89,7 +90,7 @@ class XRightModule(pl.LightningModule):
         problems = []
         try:
             check_lam(lam)
-        except ValueError as e:
+        except ConfigError as e:
             problems.append(str(e))
         if not (isinstance(beta, (int, float)) and beta > 0):
             problems.append(f"beta must be > 0, got {beta!r}")
@@ -102,7 +103,7 @@ class XRightModule(pl.LightningModule):
         if selector is not None and not isinstance(selector, Selector):
             problems.append(f"selector must be an xright_pl Selector, got {type(selector).__name__}")
         if problems:
-            raise ValueError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters(ignore=["selector", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.lam = float(lam)
@@ -153,13 +154,13 @@ class XRightModule(pl.LightningModule):
         if self._selector is None and self._trainer is not None:
             found = [c for c in self.trainer.callbacks if isinstance(c, Selector)]
             if len(found) != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"expected exactly one Selector callback (Alright, Maxright, Sequential, Mix, Single),"
                     f" found {len(found)}: set --model.selector or pass one in Trainer(callbacks=[...])"
                 )
             self._selector = found[0]
         if self._selector is None:
-            raise ValueError("no selector: set XRightModule(selector=...) or pass one to the Trainer")
+            raise ConfigError("no selector: set XRightModule(selector=...) or pass one to the Trainer")
         return self._selector
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -216,7 +217,7 @@ class XRightModule(pl.LightningModule):
             return self.sft_objective(batch)
         if name == "dpo":
             return self.dpo_objective(batch)
-        raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+        raise ConfigError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
 
     # ------------------------------------------------------------------ training
     def _batch(self, batch: Mapping[str, Any], name: str) -> Any:

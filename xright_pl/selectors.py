@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from xright_pl.errors import ConfigError
+
 OBJECTIVES = ("sft", "dpo")
 
 
@@ -115,7 +117,7 @@ class Selector(Callback):
 
 def check_lam(lam: float) -> None:
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not (0.0 <= float(lam) <= 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"lam must be a number in [0, 1] (the weight of the DPO objective, and ALRIGHT's probability of a"
             f" DPO step), got {lam!r}. Set it with --model.lam 0.5."
         )
@@ -187,7 +189,7 @@ class Maxright(Selector):
         if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
             problems.append(f"eval_every (k) must be an integer >= 1, got {eval_every!r}")
         if problems:
-            raise ValueError("Invalid MAXRIGHT settings: " + "; ".join(problems) + ".")
+            raise ConfigError("Invalid MAXRIGHT settings: " + "; ".join(problems) + ".")
         self.f_star = {"sft": float(f_sft_star), "dpo": float(f_dpo_star)}
         self.eval_every = eval_every
         self.values: dict[str, float] = {}
@@ -262,7 +264,7 @@ class Sequential(Selector):
         if reference not in ("initial", "stage_start"):
             problems.append(f"reference must be 'initial' or 'stage_start', got {reference!r}")
         if problems:
-            raise ValueError("Invalid Sequential settings: " + "; ".join(problems) + ".")
+            raise ConfigError("Invalid Sequential settings: " + "; ".join(problems) + ".")
         self.first = first
         self.second = "dpo" if first == "sft" else "sft"
         self.switch_step = switch_step
@@ -279,7 +281,7 @@ class Sequential(Selector):
                 raise RuntimeError("Sequential(switch_epochs=...) needs the data's steps per epoch")
             return round(self.switch_epochs * per_epoch)
         if self.context.max_steps is None or self.context.max_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 "Sequential needs the stage length: set switch_step or switch_epochs, or --trainer.max_steps"
                 " so that the split can follow lam = T_dpo / (T_sft + T_dpo)."
             )
@@ -328,7 +330,7 @@ class Single(Selector):
     def __init__(self, objective: Literal["sft", "dpo"] = "sft") -> None:
         super().__init__()
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+            raise ConfigError(f"objective must be 'sft' or 'dpo', got {objective!r}")
         self.objective = objective
 
     def bind(self, lam: float, context: StepContext | None = None) -> Selector:

@@ -25,6 +25,7 @@ from typing import Any
 import datasets
 
 from xright_pl.assets import resolve
+from xright_pl.errors import XRightError
 from xright_pl.types import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _ROW_COLUMN = "_xright_row"
 _SKIP_COLUMN = "_xright_skip"
 
 
-class DataError(ValueError):
+class DataError(XRightError):
     """A data or data-config problem, with the source, the row, the field and how to fix it."""
 
 

@@ -1,0 +1,159 @@
+"""Finding f*: the optimum file, the `optimum` command, MAXRIGHT reading it, and MAXRIGHT's online estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from helpers import REPO, demo_data, tiny_module, trainer
+from lightning.pytorch.callbacks import Callback
+
+from xright_pl import Maxright
+from xright_pl.cli import run
+from xright_pl.errors import ConfigError
+from xright_pl.optimum import Optimum, load_optimum, optimum_from_summaries, write_optimum
+
+TINY = [
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.callbacks=[]",
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+    "trajectory.enabled=false",
+    "summary.print_table=false",
+    "data.sft.limit=64",
+    "data.preference.limit=64",
+]
+
+
+def _summary(path, **fields):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = {"selector": "sft_only", "val/sft_loss": 0.5, "val/dpo_loss": 3.0, "optimizer_steps": 10}
+    path.write_text(json.dumps({**base, **fields}))
+    return path
+
+
+def test_file_round_trip_and_errors(tmp_path):
+    p = write_optimum(Optimum(0.39, 0.17, beta=0.1, sources={"sft": {"x": 1}}), tmp_path / "a" / "opt.json")
+    o = load_optimum(p)
+    assert (o.f_sft, o.f_dpo, o.beta, o.source, o.sources) == (0.39, 0.17, 0.1, str(p), {"sft": {"x": 1}})
+    with pytest.raises(ConfigError, match=r"not found.*python -m xright_pl optimum"):
+        load_optimum(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"f_sft_star": "low", "f_dpo_star": NaN}')
+    with pytest.raises(ConfigError, match=r"bad.json.*'f_sft_star' must be a finite number.*'f_dpo_star'"):
+        load_optimum(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_optimum(tmp_path / "broken.json")
+
+
+def test_optimum_from_summaries_checks_its_inputs(tmp_path):
+    sft = _summary(tmp_path / "s" / "summary.json")
+    dpo = _summary(tmp_path / "d" / "summary.json", selector="dpo_only", **{"val/dpo_loss": 0.2})
+    o = optimum_from_summaries(sft, dpo)
+    assert (o.f_sft, o.f_dpo) == (0.5, 0.2)  # each from its own single-objective run
+    alright = _summary(tmp_path / "a" / "summary.json", selector="alright(seed=0)")
+    with pytest.raises(ConfigError, match="must come from a 'sft_only' run"):
+        optimum_from_summaries(alright, dpo)
+    short = _summary(tmp_path / "d2" / "summary.json", selector="dpo_only", optimizer_steps=5)
+    with pytest.raises(ConfigError, match="same budget"):
+        optimum_from_summaries(sft, short)
+    no_val = _summary(tmp_path / "d3" / "summary.json", selector="dpo_only", **{"val/dpo_loss": None})
+    with pytest.raises(ConfigError, match="no finite 'val/dpo_loss'"):
+        optimum_from_summaries(sft, no_val)
+
+
+def test_optimum_command_runs_both_fits_and_maxright_reads_the_file(tmp_path, monkeypatch):
+    """The command runs an SFT-only and a DPO-only fit of the demo config and writes their final validation
+    losses; a second call from their summaries writes the same numbers."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "optimum.json"
+    result = run(["optimum", "--out", str(out), "--workdir", str(tmp_path / "w"), "--overrides", json.dumps(TINY)])
+    sft_summary = json.loads((tmp_path / "w" / "sft_only" / "summary.json").read_text())
+    dpo_summary = json.loads((tmp_path / "w" / "dpo_only" / "summary.json").read_text())
+    assert sft_summary["steps/sft"] == 3 and sft_summary["steps/dpo"] == 0
+    assert dpo_summary["steps/dpo"] == 3 and dpo_summary["steps/sft"] == 0
+    data = json.loads(out.read_text())
+    assert data["f_sft_star"] == sft_summary["val/sft_loss"]
+    assert data["f_dpo_star"] == dpo_summary["val/dpo_loss"]
+    assert data["beta"] == 0.1 and data["sources"]["sft"]["config"] == "configs/demo/sft_only.yaml"
+    assert result["path"] == str(out)
+    again = tmp_path / "again.json"
+    run(
+        [
+            "optimum",
+            "--out",
+            str(again),
+            "--sft_summary",
+            str(tmp_path / "w" / "sft_only" / "summary.json"),
+            "--dpo_summary",
+            str(tmp_path / "w" / "dpo_only" / "summary.json"),
+        ]
+    )
+    assert json.loads(again.read_text())["f_sft_star"] == data["f_sft_star"]
+    sel = Maxright(optimum_file=str(out))
+    assert not sel.online and sel.f_star == {"sft": data["f_sft_star"], "dpo": data["f_dpo_star"]}
+
+
+def test_committed_demo_optimum_matches_the_demo_configs():
+    """builtin:demo/optimum.json was written by the command from the 600-step single-objective demo configs."""
+    o = load_optimum("builtin:demo/optimum.json")
+    assert o.sources["sft"]["config"] == "configs/demo/sft_only.yaml"
+    assert o.sources["dpo"]["config"] == "configs/demo/dpo_only.yaml"
+    assert o.sources["sft"]["optimizer_steps"] == o.sources["dpo"]["optimizer_steps"] == 600
+    assert 0 < o.f_sft < 5 and 0 < o.f_dpo < math.log(2) + 1e-6  # below the untrained DPO loss log 2
+
+
+def test_maxright_settings():
+    with pytest.raises(ValueError, match="not both"):
+        Maxright(f_sft_star=1.0, f_dpo_star=0.1, optimum_file="x.json")
+    with pytest.raises(ValueError, match="online_margin"):
+        Maxright(online_margin=1.0)
+    assert Maxright().online and "online" in Maxright().describe()
+    assert not Maxright(f_sft_star=1.0, f_dpo_star=0.1).online
+
+
+def test_online_estimate_is_the_margined_running_min_of_validation_losses():
+    """f_i* = (1 - margin) * min over validations of val_i; 0 before any validation.
+
+    lam = 0.5, tracked batch losses f = (sft 1.0, dpo 0.8):
+    - no validation yet: f* = (0, 0); gaps 0.5 * 1.0 = 0.5 vs 0.5 * 0.8 = 0.4 -> SFT step;
+    - validation (0.9, 0.3), margin 0.1: f* = (0.81, 0.27); gaps 0.5 * 0.19 = 0.095 vs 0.5 * 0.53 = 0.265 -> DPO;
+    - validation (1.2, 0.2): minima (0.9, 0.2) -> f* = (0.81, 0.18).
+    """
+    sel = Maxright(eval_every=1, online_margin=0.1).bind(0.5)
+    assert sel.f_star == {"sft": 0.0, "dpo": 0.0}
+    assert sel.decide(0, {"sft": 1.0, "dpo": 0.8}).branch == "sft"
+    sel.observe_validation({"sft": 0.9, "dpo": 0.3})
+    assert sel.f_star == pytest.approx({"sft": 0.81, "dpo": 0.27})
+    assert sel.gaps() == pytest.approx({"sft": 0.095, "dpo": 0.265})
+    assert sel.decide(1, {"sft": 1.0, "dpo": 0.8}).branch == "dpo"
+    sel.observe_validation({"sft": 1.2, "dpo": 0.2})
+    assert sel.f_star == pytest.approx({"sft": 0.81, "dpo": 0.18})
+    restored = Maxright(eval_every=1, online_margin=0.1).bind(0.5)
+    restored.load_state_dict(sel.state_dict())
+    assert restored.f_star == sel.f_star and restored.values == sel.values
+
+
+class ValRecorder(Callback):
+    def __init__(self):
+        self.points = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            self.points.append({"sft": float(m["val/sft_loss"]), "dpo": float(m["val/dpo_loss"])})
+
+
+def test_online_estimate_in_a_run_is_the_margined_min_of_the_logged_validations(tmp_path):
+    sel = Maxright(eval_every=2)
+    rec = ValRecorder()
+    t = trainer(tmp_path, 6, callbacks=[sel, rec], val_check_interval=2)
+    t.fit(tiny_module(), datamodule=demo_data(limit=64))
+    assert len(rec.points) == 3  # steps 2, 4, 6
+    for k in ("sft", "dpo"):
+        assert sel.val_min[k] == pytest.approx(min(p[k] for p in rec.points))
+        assert sel.f_star[k] == pytest.approx(0.9 * min(p[k] for p in rec.points))

@@ -1,0 +1,175 @@
+"""Trade-off metrics: how far a run ends from the ideal point ``(f_sft*, f_dpo*)``.
+
+For validation losses ``f_sft``, ``f_dpo`` and optima ``f_sft*``, ``f_dpo*`` (see :mod:`xright_pl.optimum`):
+
+- ``sft_gap = f_sft - f_sft*`` and ``dpo_gap = f_dpo - f_dpo*`` (signed: a run may end below a
+  single-objective run's final loss, which then shows as a negative gap);
+- ``ideal_distance = sqrt(sft_gap**2 + dpo_gap**2)``, the Euclidean distance to the ideal point in the
+  ``(f_sft, f_dpo)`` plane (the paper's measure of the trade-off).
+
+:class:`TradeoffGap` is the torchmetrics form (weighted running means of both losses, then the gaps), usable in
+any loop. :class:`TradeoffMetrics` is the callback that logs ``val/sft_gap``, ``val/dpo_gap`` and
+``val/ideal_distance`` after every validation when the optima are known, so they also reach ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torchmetrics import Metric
+
+from xright_pl.errors import ConfigError
+from xright_pl.optimum import Optimum, load_optimum
+
+log = logging.getLogger(__name__)
+
+#: Names of the logged metrics.
+GAP_KEYS = ("val/sft_gap", "val/dpo_gap", "val/ideal_distance")
+
+
+def tradeoff_gaps(f_sft: float, f_dpo: float, f_sft_star: float, f_dpo_star: float) -> dict[str, float]:
+    """``{"sft_gap", "dpo_gap", "ideal_distance"}`` of the point ``(f_sft, f_dpo)`` (pure function)."""
+    sft_gap = float(f_sft) - float(f_sft_star)
+    dpo_gap = float(f_dpo) - float(f_dpo_star)
+    return {"sft_gap": sft_gap, "dpo_gap": dpo_gap, "ideal_distance": math.hypot(sft_gap, dpo_gap)}
+
+
+class TradeoffGap(Metric):
+    """Gaps to the optima of the weighted means of the SFT and DPO losses seen by :meth:`update`.
+
+    ``update(sft_loss, dpo_loss, sft_weight, dpo_weight)`` accumulates each objective's loss weighted like the
+    module's validation (token count for SFT, pair count for DPO; either loss may be None); ``compute()``
+    returns ``{"sft_gap", "dpo_gap", "ideal_distance"}`` as 0-dim tensors. States are sums, so the metric
+    synchronises across processes like ``MeanMetric``.
+
+    Args:
+        f_sft_star: optimum of the SFT loss.
+        f_dpo_star: optimum of the DPO loss.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, f_sft_star: float, f_dpo_star: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name, v in (("f_sft_star", f_sft_star), ("f_dpo_star", f_dpo_star)):
+            if not math.isfinite(float(v)):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        self.f_sft_star = float(f_sft_star)
+        self.f_dpo_star = float(f_dpo_star)
+        for name in ("sft_sum", "sft_weight", "dpo_sum", "dpo_weight"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        sft_loss: Tensor | float | None = None,
+        dpo_loss: Tensor | float | None = None,
+        sft_weight: Tensor | float = 1.0,
+        dpo_weight: Tensor | float = 1.0,
+    ) -> None:
+        if sft_loss is not None:
+            w = torch.as_tensor(sft_weight, dtype=torch.float64, device=self.device)
+            self.sft_sum += torch.as_tensor(sft_loss, dtype=torch.float64, device=self.device) * w
+            self.sft_weight += w
+        if dpo_loss is not None:
+            w = torch.as_tensor(dpo_weight, dtype=torch.float64, device=self.device)
+            self.dpo_sum += torch.as_tensor(dpo_loss, dtype=torch.float64, device=self.device) * w
+            self.dpo_weight += w
+
+    def compute(self) -> dict[str, Tensor]:
+        if self.sft_weight <= 0 or self.dpo_weight <= 0:
+            raise ValueError("TradeoffGap.compute() needs at least one SFT and one DPO loss with weight > 0")
+        sft_gap = self.sft_sum / self.sft_weight - self.f_sft_star
+        dpo_gap = self.dpo_sum / self.dpo_weight - self.f_dpo_star
+        return {
+            "sft_gap": sft_gap.float(),
+            "dpo_gap": dpo_gap.float(),
+            "ideal_distance": torch.sqrt(sft_gap**2 + dpo_gap**2).float(),
+        }
+
+
+def optimum_of(trainer: pl.Trainer) -> Optimum | None:
+    """The optima known to this run: a :class:`TradeoffMetrics` callback's, else a MAXRIGHT selector's given
+    optima (an online estimate does not count), else None."""
+    from xright_pl.selectors import Maxright
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, TradeoffMetrics) and cb.optimum is not None:
+            return cb.optimum
+    for cb in trainer.callbacks:
+        if isinstance(cb, Maxright) and cb.optimum is not None:
+            return cb.optimum
+    return None
+
+
+class TradeoffMetrics(Callback):
+    """Log ``val/sft_gap``, ``val/dpo_gap`` and ``val/ideal_distance`` after every validation.
+
+    The optima come from ``optimum_file`` (written by ``python -m xright_pl optimum``), or from
+    ``f_sft_star`` and ``f_dpo_star``, or else from a MAXRIGHT selector given its optima; with none of these
+    nothing is logged. The gaps are computed from the epoch values of ``val/sft_loss`` and ``val/dpo_loss``
+    (already averaged over processes), written to the loggers at the current step and added to
+    ``trainer.callback_metrics``, so :class:`~xright_pl.callbacks.RunSummary` puts them in ``summary.json``.
+
+    Args:
+        optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (from ``python -m xright_pl optimum``).
+        f_sft_star: optimum of the SFT loss (instead of a file).
+        f_dpo_star: optimum of the DPO loss (instead of a file).
+    """
+
+    def __init__(
+        self, optimum_file: str | None = None, f_sft_star: float | None = None, f_dpo_star: float | None = None
+    ) -> None:
+        given = (f_sft_star is not None, f_dpo_star is not None)
+        if optimum_file is not None and any(given):
+            raise ConfigError("TradeoffMetrics: give optimum_file or f_sft_star and f_dpo_star, not both.")
+        if any(given) and not all(given):
+            raise ConfigError("TradeoffMetrics needs both f_sft_star and f_dpo_star (or an optimum_file).")
+        self.optimum_file = optimum_file
+        self._own: Optimum | None = None
+        if optimum_file is not None:
+            self._own = load_optimum(optimum_file)
+        elif all(given):
+            self._own = Optimum(float(f_sft_star), float(f_dpo_star))
+        self.optimum: Optimum | None = self._own
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.optimum = self._own
+        if self.optimum is None:
+            from xright_pl.selectors import Maxright
+
+            found = [c for c in trainer.callbacks if isinstance(c, Maxright) and c.optimum is not None]
+            if not found and getattr(pl_module, "_selector", None) is not None:
+                sel = pl_module._selector
+                found = [sel] if isinstance(sel, Maxright) and sel.optimum is not None else []
+            self.optimum = found[0].optimum if found else None
+        if self.optimum is not None and hasattr(pl_module, "beta"):
+            self.optimum.check_beta(pl_module.beta)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.optimum is None:
+            return
+        metrics = trainer.callback_metrics
+        if "val/sft_loss" not in metrics or "val/dpo_loss" not in metrics:
+            return
+        gap = TradeoffGap(self.optimum.f_sft, self.optimum.f_dpo, sync_on_compute=False)
+        gap.update(metrics["val/sft_loss"].cpu(), metrics["val/dpo_loss"].cpu())
+        values = {f"val/{k}": v for k, v in gap.compute().items()}
+        self.last = {k: float(v) for k, v in values.items()}
+        trainer.callback_metrics.update(values)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=trainer.global_step)
+
+    def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Fields for ``summary.json``: the optima used and where they came from."""
+        if self.optimum is None:
+            return {}
+        return {"f_sft_star": self.optimum.f_sft, "f_dpo_star": self.optimum.f_dpo, "optimum": self.optimum.source}

@@ -1,0 +1,239 @@
+"""The optima ``f_sft*`` and ``f_dpo*``: measure them, write them to a file, read them back.
+
+``f_sft*`` is the final ``val/sft_loss`` of an SFT-only run and ``f_dpo*`` the final ``val/dpo_loss`` of a
+DPO-only run, from the same start (model, reference, data) and with the same budget as the joint run. Both
+are the validation losses the module logs, so they use exactly the training normalisation: token-mean NLL over
+the response tokens of the whole validation set (SFT), mean sigmoid DPO loss over its pairs with the run's
+``beta`` (DPO).
+
+``python -m xright_pl optimum`` runs the two single-objective fits from configs (or reads the
+``summary.json`` of runs you already have) and writes a small JSON file::
+
+    {"f_sft_star": 0.39, "f_dpo_star": 0.17, "beta": 0.1, "sources": {...}}
+
+that ``Maxright(optimum_file=...)`` and ``TradeoffMetrics(optimum_file=...)`` read, so nobody copies numbers
+by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xright_pl.assets import resolve
+from xright_pl.errors import ConfigError
+
+#: The validation metric that gives each objective's optimum, and the selector that must have produced it.
+METRIC = {"sft": "val/sft_loss", "dpo": "val/dpo_loss"}
+SINGLE = {"sft": "sft_only", "dpo": "dpo_only"}
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """The optimum of each objective, in the training normalisation.
+
+    Attributes:
+        f_sft: lowest reachable SFT loss (token-mean NLL of validation responses).
+        f_dpo: lowest reachable DPO loss (pair-mean sigmoid loss of validation pairs).
+        beta: the DPO ``beta`` ``f_dpo`` was measured with (None: unknown).
+        source: where the values came from (a file path, ``"arguments"``, ...).
+        sources: details of the runs that measured them (config, summary path, steps, fingerprint).
+    """
+
+    f_sft: float
+    f_dpo: float
+    beta: float | None = None
+    source: str = "arguments"
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The file format (see :func:`write_optimum`)."""
+        return {"f_sft_star": self.f_sft, "f_dpo_star": self.f_dpo, "beta": self.beta, "sources": self.sources}
+
+    def check_beta(self, beta: float) -> None:
+        """Raise :class:`ConfigError` if ``f_dpo`` was measured with another DPO ``beta`` than ``beta``."""
+        if self.beta is not None and not math.isclose(self.beta, float(beta), rel_tol=1e-6):
+            raise ConfigError(
+                f"the optimum in {self.source} was measured with DPO beta={self.beta}, but this run uses"
+                f" beta={beta}: the DPO loss depends on beta, so f_dpo* does not apply. Re-measure it with"
+                f" `python -m xright_pl optimum` at beta={beta}, or set --model.beta {self.beta}."
+            )
+
+
+def load_optimum(path: str | os.PathLike) -> Optimum:
+    """Read an optimum file written by :func:`write_optimum` (JSON with ``f_sft_star`` and ``f_dpo_star``).
+
+    ``builtin:demo/optimum.json`` is the embedded task's (see :mod:`xright_pl.assets`)."""
+    p = Path(resolve(str(path)))
+    if not p.is_file():
+        raise ConfigError(
+            f"optimum file {str(p)!r} not found (relative paths are relative to the working directory"
+            f" {os.getcwd()!r}). Create it with `python -m xright_pl optimum --out {p}`."
+        )
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"optimum file {str(p)!r} is not valid JSON ({e}); regenerate it.") from None
+    problems = []
+    values = {}
+    for key in ("f_sft_star", "f_dpo_star"):
+        v = data.get(key) if isinstance(data, dict) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            problems.append(f"field {key!r} must be a finite number, got {v!r}")
+        else:
+            values[key] = float(v)
+    beta = data.get("beta") if isinstance(data, dict) else None
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0):
+        problems.append(f"field 'beta' must be a number > 0 or null, got {beta!r}")
+    if problems:
+        raise ConfigError(f"optimum file {str(p)!r}: " + "; ".join(problems) + ". Regenerate it.")
+    return Optimum(
+        values["f_sft_star"],
+        values["f_dpo_star"],
+        None if beta is None else float(beta),
+        source=str(p),
+        sources=data.get("sources") or {},
+    )
+
+
+def write_optimum(optimum: Optimum, path: str | os.PathLike) -> Path:
+    """Write ``optimum`` as JSON to ``path`` (atomically; folders created). Returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(optimum.as_dict(), indent=2) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def read_summary(path: str | os.PathLike, objective: str) -> tuple[float, dict[str, Any]]:
+    """The optimum of ``objective`` from the ``summary.json`` of a single-objective run, and its provenance."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"summary file {str(p)!r} not found: give the summary.json of a finished run.")
+    try:
+        summary = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"summary file {str(p)!r} is not valid JSON ({e}).") from None
+    if summary.get("selector") != SINGLE[objective]:
+        raise ConfigError(
+            f"{str(p)!r} is the summary of a {summary.get('selector')!r} run, but f_{objective}* must come from"
+            f" a {SINGLE[objective]!r} run (selector xright_pl.Single with objective: {objective})."
+        )
+    value = summary.get(METRIC[objective])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(
+            f"{str(p)!r} has no finite {METRIC[objective]!r} (got {value!r}): the run must validate at its last"
+            " step (it does unless --trainer.limit_val_batches is 0)."
+        )
+    provenance = {
+        "summary": str(p),
+        "beta": run_beta(p.parent),
+        "metric": METRIC[objective],
+        "optimizer_steps": summary.get("optimizer_steps"),
+        "weights_sha256": summary.get("weights_sha256"),
+    }
+    return float(value), provenance
+
+
+def run_beta(run_dir: Path) -> float | None:
+    """The DPO ``beta`` in the ``config.yaml`` LightningCLI saved next to a run's summary (None if absent)."""
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    beta = ((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("beta")
+    return float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None
+
+
+def optimum_from_summaries(
+    sft_summary: str | os.PathLike, dpo_summary: str | os.PathLike, beta: float | None = None
+) -> Optimum:
+    """An :class:`Optimum` from the ``summary.json`` files of an SFT-only and a DPO-only run."""
+    f_sft, src_sft = read_summary(sft_summary, "sft")
+    f_dpo, src_dpo = read_summary(dpo_summary, "dpo")
+    steps = (src_sft["optimizer_steps"], src_dpo["optimizer_steps"])
+    if None not in steps and steps[0] != steps[1]:
+        raise ConfigError(
+            f"the SFT-only run made {steps[0]} optimizer steps and the DPO-only run {steps[1]}: measure both"
+            " optima with the same budget (the same --trainer.max_steps)."
+        )
+    if beta is None:
+        beta = src_dpo["beta"]
+    return Optimum(f_sft, f_dpo, beta, source="summaries", sources={"sft": src_sft, "dpo": src_dpo})
+
+
+def _fit_single(config: str, objective: str, root: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Run ``fit`` from ``config`` with ``xright_pl.Single(objective)`` in ``root``; the summary path and beta."""
+    from xright_pl.callbacks import RunSummary
+    from xright_pl.cli import run
+
+    if not Path(config).is_file():
+        raise ConfigError(f"config {config!r} not found (relative to {os.getcwd()!r}).")
+    selector = json.dumps({"class_path": "xright_pl.Single", "init_args": {"objective": objective}})
+    args = ["fit", "--config", config, f"--model.selector={selector}", f"--trainer.default_root_dir={root}"]
+    args += [a if a.startswith("--") else f"--{a}" for a in overrides]
+    cli = run(args)
+    summary = next(c for c in cli.trainer.callbacks if isinstance(c, RunSummary)).summary
+    if "path" not in summary:
+        raise RuntimeError(f"the {objective}-only run wrote no summary.json")
+    return Path(summary["path"]), float(cli.model.beta)
+
+
+def optimum(
+    out: str = "optimum.json",
+    sft_config: str | None = "configs/demo/sft_only.yaml",
+    dpo_config: str | None = "configs/demo/dpo_only.yaml",
+    sft_summary: str | None = None,
+    dpo_summary: str | None = None,
+    overrides: list[str] | None = None,
+    workdir: str = "runs/optimum",
+) -> dict[str, Any]:
+    """Measure the optima f_sft* and f_dpo* and write them to a JSON file for MAXRIGHT and the gap metrics.
+
+    For each objective: if its ``*_summary`` is given, read the final validation loss from that
+    ``summary.json`` (it must be a single-objective run); else run ``fit`` from its ``*_config`` with the
+    selector set to ``xright_pl.Single`` for that objective, in ``workdir``. Use the same model, data, seed
+    and number of steps as the joint runs that will use the file. The values are the module's validation
+    losses, i.e. exactly the training normalisation.
+
+    Args:
+        out: JSON file to write (``{"f_sft_star", "f_dpo_star", "beta", "sources"}``).
+        sft_config: config of the SFT-only fit (any config: its selector is replaced).
+        dpo_config: config of the DPO-only fit (any config: its selector is replaced).
+        sft_summary: summary.json of a finished SFT-only run (instead of running sft_config).
+        dpo_summary: summary.json of a finished DPO-only run (instead of running dpo_config).
+        overrides: options applied to both fits, e.g. ``[trainer.max_steps=300, model.seed=1]``.
+        workdir: folder of the fits' logs (``<workdir>/sft_only``, ``<workdir>/dpo_only``).
+
+    Returns:
+        The written content, with ``path``.
+    """
+    overrides = list(overrides or [])
+    paths: dict[str, Path] = {}
+    betas: dict[str, float] = {}
+    configs = {"sft": sft_config, "dpo": dpo_config}
+    given = {"sft": sft_summary, "dpo": dpo_summary}
+    for objective in ("sft", "dpo"):
+        if given[objective] is not None:
+            paths[objective] = Path(given[objective])
+        elif configs[objective] is not None:
+            root = Path(workdir) / SINGLE[objective]
+            paths[objective], betas[objective] = _fit_single(configs[objective], objective, root, overrides)
+        else:
+            raise ConfigError(f"give --{objective}_config or --{objective}_summary to measure f_{objective}*.")
+    found = optimum_from_summaries(paths["sft"], paths["dpo"], betas.get("dpo"))
+    beta = found.beta
+    sources = dict(found.sources)
+    for objective in ("sft", "dpo"):
+        if configs[objective] is not None and given[objective] is None:
+            sources[objective] = {**sources[objective], "config": configs[objective], "overrides": overrides}
+    result = Optimum(found.f_sft, found.f_dpo, beta, source=out, sources=sources)
+    path = write_optimum(result, out)
+    print(f"f_sft* = {result.f_sft:.6g}, f_dpo* = {result.f_dpo:.6g} (beta={beta}) written to {path}", flush=True)
+    return {**result.as_dict(), "path": str(path)}

@@ -1,0 +1,201 @@
+"""The run's path in the ``(f_sft, f_dpo)`` plane: start, every validation, end, and the ideal point.
+
+:class:`TrajectoryPlot` records ``(step, val/sft_loss, val/dpo_loss)`` after every validation (and, by default,
+once before the first step), logs the picture to TensorBoard as a figure (``tradeoff/trajectory``) at each
+validation, and saves it as a PNG next to ``summary.json`` when training ends. The ideal point
+``(f_sft*, f_dpo*)`` is drawn when the optima are known (see :func:`xright_pl.metrics.optimum_of`).
+
+matplotlib is an optional extra (``pip install xright_pl[plot]``): without it the callback records the points,
+logs one note and draws nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from xright_pl.losses import sft_loss
+from xright_pl.metrics import optimum_of
+from xright_pl.optimum import Optimum
+from xright_pl.types import SFTBatch
+
+log = logging.getLogger(__name__)
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _limited(loader: Any, limit: int | float) -> Any:
+    """The first batches of ``loader`` as ``Trainer(limit_val_batches=limit)`` would take them."""
+    if isinstance(limit, float) and limit >= 1.0:
+        yield from loader
+        return
+    n = int(limit) if isinstance(limit, int) else max(1, math.ceil(limit * len(loader)))
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    """``{"sft": ..., "dpo": ...}``: the validation losses of the module as it stands, computed exactly like
+    its ``validation_step`` (token-mean SFT NLL, pair-mean DPO loss) on the datamodule's validation loaders,
+    honouring ``limit_val_batches``, and averaged over processes."""
+    dm = trainer.datamodule
+    loaders = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    means = {"sft": MeanMetric().to(pl_module.device), "dpo": MeanMetric().to(pl_module.device)}
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        for loader in loaders:
+            for batch in _limited(loader, trainer.limit_val_batches):
+                batch = trainer.strategy.batch_to_device(batch)
+                if isinstance(batch, SFTBatch):
+                    loss, n_tokens = sft_loss(
+                        pl_module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels
+                    )
+                    means["sft"].update(loss, n_tokens.to(loss.dtype))
+                else:
+                    out = pl_module.dpo_objective(batch)
+                    means["dpo"].update(out.loss, out.num_examples)
+    finally:
+        pl_module.train(was_training)
+    return {k: float(m.compute()) for k, m in means.items() if m.update_count > 0}
+
+
+def plot_trajectory(points: list[tuple[int, float, float]], optimum: Optimum | None = None, title: str = "") -> Any:
+    """A matplotlib ``Figure`` of the path ``points`` (``(step, f_sft, f_dpo)``) with its start, its end and
+    the ideal point ``(f_sft*, f_dpo*)`` when given. Needs matplotlib."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 4.2), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [p[1] for p in points]
+    ys = [p[2] for p in points]
+    if points:
+        ax.plot(xs, ys, "-o", color="tab:blue", ms=3, lw=1.2, label="validation")
+        ax.plot(xs[0], ys[0], "s", color="tab:gray", ms=8, label=f"start (step {points[0][0]})")
+        ax.plot(xs[-1], ys[-1], "D", color="tab:blue", ms=8, label=f"end (step {points[-1][0]})")
+    if optimum is not None:
+        ax.plot(optimum.f_sft, optimum.f_dpo, "*", color="tab:red", ms=14, label="ideal (f_sft*, f_dpo*)")
+    if points and (optimum is not None or len(points) > 1):
+        # Log axes keep the start (often 10x the end) and the ideal point readable in one picture.
+        all_vals = xs + ys + ([optimum.f_sft, optimum.f_dpo] if optimum is not None else [])
+        if min(all_vals) > 0:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+    ax.set_xlabel("f_sft (val/sft_loss)")
+    ax.set_ylabel("f_dpo (val/dpo_loss)")
+    ax.set_title(title or "trade-off trajectory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+class TrajectoryPlot(Callback):
+    """Record and draw the run's path in the ``(f_sft, f_dpo)`` plane.
+
+    Args:
+        enabled: record and draw (false: do nothing at all).
+        evaluate_start: evaluate the validation losses once before the first step (one extra validation pass,
+            outside the training steps) so that the picture has its start point; otherwise the path starts at
+            the first validation.
+        filename: PNG written next to ``summary.json`` (in the run's log directory) at the end of training.
+        log_figure: log the figure to TensorBoard (``tradeoff/trajectory``) after every validation.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        evaluate_start: bool = True,
+        filename: str = "trajectory.png",
+        log_figure: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.evaluate_start = evaluate_start
+        self.filename = filename
+        self.log_figure = log_figure
+        self.points: list[tuple[int, float, float]] = []
+        self.png_path: str | None = None
+        self._noted = False
+
+    @property
+    def state_key(self) -> str:
+        return "xright_pl.TrajectoryPlot"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": [list(p) for p in self.points]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [(int(s), float(a), float(b)) for s, a, b in state_dict.get("points", [])]
+
+    def _can_draw(self) -> bool:
+        if have_matplotlib():
+            return True
+        if not self._noted:
+            rank_zero_info("TrajectoryPlot: matplotlib is not installed (pip install xright_pl[plot]); no figure.")
+            self._noted = True
+        return False
+
+    def _title(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        from xright_pl.selectors import Selector
+
+        sel = next((c for c in trainer.callbacks if isinstance(c, Selector)), None)
+        return f"{sel.describe() if sel else 'run'}, lam={getattr(pl_module, 'lam', '?')}"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.enabled and self.evaluate_start) or trainer.global_step != 0 or self.points:
+            return
+        if trainer.limit_val_batches == 0:
+            return
+        losses = evaluate_losses(trainer, pl_module)
+        if "sft" in losses and "dpo" in losses:
+            self.points.append((0, losses["sft"], losses["dpo"]))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        if "val/sft_loss" not in m or "val/dpo_loss" not in m:
+            return
+        point = (int(trainer.global_step), float(m["val/sft_loss"]), float(m["val/dpo_loss"]))
+        if self.points and self.points[-1][0] == point[0]:
+            self.points[-1] = point
+        else:
+            self.points.append(point)
+        if not (self.log_figure and trainer.is_global_zero):
+            return
+        experiments = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
+        if experiments and self._can_draw():
+            fig = plot_trajectory(self.points, optimum_of(trainer), self._title(trainer, pl_module))
+            for ex in experiments:
+                ex.add_figure("tradeoff/trajectory", fig, global_step=trainer.global_step, close=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero or not self.points or not self._can_draw():
+            return
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, self.filename)
+        plot_trajectory(self.points, optimum_of(trainer), self._title(trainer, pl_module)).savefig(path)
+        self.png_path = path
+
+    def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Fields for ``summary.json``: the PNG's path (None when none was drawn)."""
+        return {"trajectory_png": self.png_path} if self.enabled else {}

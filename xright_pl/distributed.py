@@ -1,0 +1,89 @@
+"""Cross-process checks and sharding helpers for multi-process training (DDP, FSDP2).
+
+Every process must train the same objective(s) at every optimizer step: otherwise the gradient all-reduce
+averages SFT gradients of some ranks with DPO gradients of others, silently. The selectors make the decision
+identical by construction (seeded generators, losses averaged across processes); :func:`check_agreement`
+verifies it at every step, before any backward pass, for the price of one all-gather of five numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from xright_pl.errors import XRightError
+from xright_pl.selectors import OBJECTIVES, Decision
+
+
+class DesyncError(XRightError):
+    """Processes took different branches at the same optimizer step."""
+
+
+def decision_code(step: int, decision: Decision) -> torch.Tensor:
+    """The decision as a float64 vector ``[step, w_sft, w_dpo, reset_optimizer, reset_reference]``."""
+    w = decision.weights
+    return torch.tensor(
+        [float(step), *(float(w.get(k, 0.0)) for k in OBJECTIVES)]
+        + [float(decision.reset_optimizer), float(decision.reset_reference)],
+        dtype=torch.float64,
+    )
+
+
+def describe_codes(codes: torch.Tensor) -> str:
+    parts = []
+    for rank, row in enumerate(codes.tolist()):
+        weights = {k: row[1 + i] for i, k in enumerate(OBJECTIVES) if row[1 + i] != 0.0}
+        parts.append(f"rank {rank}: step {int(row[0])} weights {weights} resets {row[3:]}")
+    return "; ".join(parts)
+
+
+def check_agreement(strategy, step: int, decision: Decision, selector_name: str = "selector") -> None:
+    """Raise :class:`DesyncError` on every process if the processes' decisions for ``step`` differ.
+
+    ``strategy`` is the Trainer's strategy (its ``all_gather`` works on every backend); a single process
+    returns at once. Call it before any backward pass of the step, so that no mixed gradient is averaged.
+    """
+    if getattr(strategy, "world_size", 1) <= 1:
+        return
+    # gloo and NCCL both gather float64 on the root device of the strategy.
+    code = decision_code(step, decision).to(strategy.root_device)
+    gathered = strategy.all_gather(code).reshape(-1, code.numel()).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise DesyncError(
+            f"the processes disagree on what optimizer step {step} trains ({describe_codes(gathered)}). Training"
+            f" stopped before any backward pass, so no SFT gradient was averaged with a DPO one. The"
+            f" {selector_name} must decide identically on every process: draw from a generator seeded the same"
+            " on every rank (not the global RNG, and not seeded with the rank) and decide only from values that"
+            " the module has averaged across processes."
+        )
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a ``transformers`` model (the classes in ``_no_split_modules``), in order."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def fully_shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True) -> int:
+    """FSDP2: shard each transformer block as its own unit, then the rest as the root unit. Returns the
+    number of units. ``mesh`` is the data-parallel (1-D) device mesh."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return len(blocks) + 1
+
+
+def fsdp_units(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The modules that are FSDP2 units (``fully_shard`` applied)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in modules if isinstance(m, FSDPModule)]

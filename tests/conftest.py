@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
+# Tiny models on a 2-core machine: one intra-op thread per process is much faster than oversubscribed cores
+# (idle threads spin). Set before torch is imported, so subprocesses started by tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # In CI the shared data sits next to the repository: <repo>/../shared/data
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -18,9 +18,13 @@ from xright_pl.selectors import Selector
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
-    """A fingerprint of a module's parameters and buffers (names, dtypes, shapes and exact values)."""
+    """A fingerprint of a module's parameters and buffers (names, dtypes, shapes and exact values).
+
+    FSDP2 shards (DTensors) are gathered first: under ModelParallelStrategy every rank must call this."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -49,12 +53,21 @@ class RunSummary(Callback):
         self.summary: dict[str, Any] = {}
         self._t0 = 0.0
         self._tokens0 = 0
+        self._step_t0 = 0.0
+        self._step_time = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._t0 = time.perf_counter()
         self._tokens0 = sum(getattr(pl_module, "tokens", {}).values())
+        self._step_time = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._step_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._step_time += time.perf_counter() - self._step_t0
 
     def run_dir(self, trainer: pl.Trainer) -> str:
         return trainer.log_dir or trainer.default_root_dir
@@ -74,6 +87,7 @@ class RunSummary(Callback):
             "steps/dpo": pl_module.steps["dpo"],
             "optimizer_steps": trainer.global_step,
             "wall_time_s": round(wall, 3),
+            "step_time_s": round(self._step_time, 3),
             "tokens": tokens,
             "tokens_per_s": round(tokens * trainer.world_size / wall, 1) if wall > 0 else None,
             "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
@@ -83,6 +97,9 @@ class RunSummary(Callback):
             out["examples/sft"] = dm.consumed_examples().get("sft", 0)
             out["examples/dpo"] = dm.consumed_examples().get("dpo", 0)
             out["skipped"] = getattr(dm, "skipped", {})
+        for cb in trainer.callbacks:  # e.g. TradeoffMetrics (optima used), TrajectoryPlot (PNG path)
+            if cb is not self and hasattr(cb, "summary_fields"):
+                out.update(cb.summary_fields(trainer))
         return out
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -17,7 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 from xright_pl.callbacks import RunSummary
 from xright_pl.data.module import JointDataModule
 from xright_pl.errors import XRightError
+from xright_pl.metrics import TradeoffMetrics
 from xright_pl.module import XRightModule
+from xright_pl.trajectory import TrajectoryPlot
 
 #: Commands that are not Trainer methods: name -> "module:function".
 EXTRA_COMMANDS: dict[str, str] = {
@@ -29,10 +31,13 @@ EXTRA_COMMANDS: dict[str, str] = {
 
 
 class XRightCLI(LightningCLI):
-    """LightningCLI with the library's defaults (a run summary at the end of ``fit``)."""
+    """LightningCLI with the library's default callbacks: a run summary at the end of ``fit`` (``--summary.*``),
+    the gaps to the optima (``--tradeoff.*``) and the trajectory picture (``--trajectory.*``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(TradeoffMetrics, "tradeoff")
+        parser.add_lightning_class_args(TrajectoryPlot, "trajectory")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -67,9 +72,28 @@ def main(args: list[str] | None = None) -> object:
     """Entry point: like :func:`run`, but a user error is printed as one paragraph and exits with status 2."""
     try:
         return run(args)
-    except XRightError as e:
-        print(f"xright_pl: error: {e}", file=sys.stderr, flush=True)
+    except Exception as e:
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        print(f"xright_pl: error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _user_error(e: BaseException | None) -> BaseException | None:
+    """The :class:`XRightError` (or Lightning ``MisconfigurationException``: max_steps < -1, ...) behind ``e``.
+
+    jsonargparse re-raises an error from a selector's or callback's constructor as a ``ValueError`` caused by it.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (XRightError, MisconfigurationException)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,14 +14,27 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from xright_pl.data.streams import StreamTicket
-from xright_pl.errors import ConfigError
+from xright_pl.data.module import LENGTH_COLUMNS, REF_COLUMNS
+from xright_pl.data.streams import StreamTicket, row_lengths
+from xright_pl.distributed import check_agreement, fully_shard_model
+from xright_pl.errors import ConfigError, XRightError
+from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
 from xright_pl.losses import dpo_loss, dpo_metrics, sequence_logps, sft_loss
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
-from xright_pl.selectors import OBJECTIVES, Decision, Selector, StepContext, check_lam
+from xright_pl.selectors import OBJECTIVES, Decision, Selector, Sequential, StepContext, check_lam
 from xright_pl.types import PreferenceBatch, SFTBatch
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(XRightError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses or gradients)."""
+
+
+def _columns(dataset: Any) -> list[str]:
+    """Column names of a ``datasets.Dataset`` or of the first row of a list of dicts."""
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else list(dataset[0]) if len(dataset) else []
 
 
 @dataclass
@@ -66,6 +79,18 @@ class XRightModule(pl.LightningModule):
         attn_implementation: attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: allow custom model code from the hub.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        lora: train low-rank adapters (``peft``) instead of all weights. Without ``reference``, the reference is
+            the same model with its adapters disabled: one base model in memory, not two.
+        max_consecutive_nonfinite: an optimizer step whose loss or gradient is NaN/inf is skipped (no update,
+            logged with its step and branch); after this many such steps in a row training stops with an error.
+        precompute_reference_logps: before training, compute the reference log-probs ``s_ref`` of every
+            preference pair of the data module's train and val sets once (batched, no grad, the Trainer's
+            precision), store them as dataset columns ``ref_chosen_logps``/``ref_rejected_logps``, and release
+            the reference model: each DPO step then runs the policy only (about a quarter less compute) and
+            the reference's memory is freed. Costs one no-grad pass over the preference data at each fit
+            start (a resumed run recomputes it; checkpoints never hold the cache). Needs a
+            :class:`~xright_pl.data.module.JointDataModule`; not with ``Sequential(reference="stage_start")``,
+            whose reference changes mid-run.
     """
 
     def __init__(
@@ -85,6 +110,9 @@ class XRightModule(pl.LightningModule):
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        max_consecutive_nonfinite: int = 10,
+        precompute_reference_logps: bool = False,
     ) -> None:
         super().__init__()
         problems = []
@@ -102,6 +130,10 @@ class XRightModule(pl.LightningModule):
             problems.append("give exactly one of --model.model (hub name or path) and --model.model_config")
         if selector is not None and not isinstance(selector, Selector):
             problems.append(f"selector must be an xright_pl Selector, got {type(selector).__name__}")
+        if lora is not None:
+            problems.extend(lora.problems())
+        if not isinstance(max_consecutive_nonfinite, int) or max_consecutive_nonfinite < 1:
+            problems.append(f"max_consecutive_nonfinite must be an integer >= 1, got {max_consecutive_nonfinite!r}")
         if problems:
             raise ConfigError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters(ignore=["selector", "optimizer", "lr_scheduler"])
@@ -111,9 +143,11 @@ class XRightModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
+        self.lora = lora
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.reference_is_initial = reference is None
+        self.reference_released = False  # True once s_ref is cached in the data and the reference model freed
         self.val_sft_loss = MeanMetric()
         self.val_dpo_loss = MeanMetric()
         self.val_dpo_accuracy = MeanMetric()
@@ -124,24 +158,60 @@ class XRightModule(pl.LightningModule):
         self._pre: dict[str, ObjectiveOutput] = {}
         self._step_outputs: dict[str, list[ObjectiveOutput]] = {}
         self._device_batches: dict[str, Any] = {}
+        self._rng_state: dict[str, Tensor | None] | None = None  # training RNG stream (dropout), checkpointed
+        self._reference_reset = False  # the reference was replaced by a copy of the policy (stored in checkpoints)
+        self.nonfinite_skips = 0
+        self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the policy and the frozen reference (once)."""
+        """Build the policy (with LoRA adapters if set) and the frozen reference (once).
+
+        With LoRA and no ``reference`` path there is no reference module: the policy with its adapters disabled
+        is the reference. Under ``ModelParallelStrategy`` (``self.device_mesh`` set) policy and reference are
+        sharded with FSDP2 ``fully_shard``, each transformer block its own unit, in separate units.
+        """
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = build_causal_lm(
+        policy = build_causal_lm(
             hp.model, hp.model_config, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code
         )
         if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        if hp.reference is None:
-            self.reference = frozen_copy(self.policy)
-        else:
+            policy.gradient_checkpointing_enable()
+        if hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
             )
+        elif self.lora is None:
+            self.reference = frozen_copy(policy)
+        if self.lora is not None:
+            policy = apply_lora(policy, self.lora)
+            if hp.gradient_checkpointing:
+                policy.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+        self.policy = policy
+        if self.device_mesh is not None:
+            self._fully_shard()
+
+    def _fully_shard(self) -> None:
+        """FSDP2: shard the policy and the reference (separate units) over the data-parallel mesh."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mesh = self.device_mesh
+        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+                raise ConfigError(
+                    "tensor parallelism is not supported: set the strategy's tensor_parallel_size: 1 and"
+                    " data_parallel_size: <number of processes> (see configs/fsdp.yaml)"
+                )
+            mesh = mesh["data_parallel"]
+        mp = MixedPrecisionPolicy()
+        if self._trainer is not None and str(self.trainer.precision) == "bf16-mixed":
+            # bf16 compute and all-gathers, fp32 master weights and gradient reduction.
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard_model(self.policy, mesh, mp)
+        if self.reference is not None:
+            fully_shard_model(self.reference, mesh, mp)
 
     def train(self, mode: bool = True) -> XRightModule:
         super().train(mode)
@@ -178,6 +248,63 @@ class XRightModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.selector.bind(self.lam, self._step_context())
+        if self.hparams.get("precompute_reference_logps"):
+            self.precompute_reference()
+
+    # ------------------------------------------------------------------ cached reference log-probs
+    def precompute_reference(self) -> None:
+        """Cache ``s_ref`` of every preference pair (train and val) in the data module, then release the
+        reference model. Each process computes an equal share of the rows; the shares are all-gathered."""
+        sel = self.selector
+        if isinstance(sel, Sequential) and sel.reference == "stage_start" and sel.second == "dpo":
+            raise ConfigError(
+                "precompute_reference_logps cannot be used with Sequential(reference='stage_start'): its DPO"
+                " reference becomes the policy at the switch, so log-probs cached at the start would be wrong."
+                " Use reference='initial', or set --model.precompute_reference_logps false."
+            )
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "set_reference_logps"):
+            raise ConfigError(
+                "precompute_reference_logps needs the JointDataModule (trainer.fit(module, datamodule=...)),"
+                " whose preference sets receive the cached columns."
+            )
+        dm.load()
+        splits = [(split, sets.get("dpo")) for split, sets in (("train", dm.train_sets), ("val", dm.val_sets))]
+        splits = [(split, ds) for split, ds in splits if ds is not None and len(ds) > 0]
+        if self.reference_released:
+            if all(set(REF_COLUMNS) <= set(_columns(ds)) for _, ds in splits):
+                return  # cached by an earlier fit of this module on this data module
+            raise ConfigError("the reference model was already released; build a new XRightModule")
+        for split, ds in splits:
+            chosen, rejected = self._compute_reference_logps(ds, dm.collate("dpo"), dm.batching.eval_batch_size)
+            dm.set_reference_logps(split, chosen, rejected)
+        self.reference = None  # every batch now carries s_ref: free the model (LoRA: there was none)
+        self.reference_released = True
+        log.info("cached the reference log-probs of %s and released the reference model", [s for s, _ in splits])
+
+    def _compute_reference_logps(self, dataset: Any, collate: Any, batch_size: int) -> tuple[list[float], list[float]]:
+        """``(s_ref(chosen), s_ref(rejected))`` of every row of ``dataset``, in row order."""
+        strategy = self.trainer.strategy
+        n, world, rank = len(dataset), self.trainer.world_size, self.trainer.global_rank
+        per_rank = -(-n // world)
+        mine = [(rank + world * i) % n for i in range(per_rank)]  # wrapping: every process runs as many rows
+        lengths = row_lengths(dataset, LENGTH_COLUMNS["dpo"])
+        order = sorted(range(per_rank), key=lambda j: -lengths[mine[j]])  # longest first, little padding
+        out = torch.zeros(per_rank, 2, dtype=torch.float32, device=self.device)
+        with torch.no_grad(), strategy.precision_plugin.forward_context():
+            for start in range(0, per_rank, batch_size):
+                js = order[start : start + batch_size]
+                batch = strategy.batch_to_device(collate([dataset[mine[j]] for j in js]))
+                batch.ref_logps = None
+                ref = self.reference_logps(batch).float()
+                out[torch.tensor(js, device=out.device)] = torch.stack([ref[: len(js)], ref[len(js) :]], dim=1)
+        if world > 1:
+            gathered = strategy.all_gather(out).reshape(world * per_rank, 2)
+            index = torch.tensor([(r + world * i) % n for r in range(world) for i in range(per_rank)])
+            out = torch.zeros(n, 2, dtype=torch.float32, device=gathered.device)
+            out[index.to(out.device)] = gathered
+        out = out.cpu()
+        return out[:, 0].tolist(), out[:, 1].tolist()
 
     def _step_context(self) -> StepContext:
         dm = getattr(self.trainer, "datamodule", None)
@@ -201,7 +328,16 @@ class XRightModule(pl.LightningModule):
         """``s_ref(y)`` for the ``[2B]`` sequences of ``batch`` (cached values when the batch carries them)."""
         if batch.ref_logps is not None:
             return batch.ref_logps
-        logits = self.reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        if self.reference_released:
+            raise ConfigError(
+                "this preference batch has no cached reference log-probs and the reference model was released"
+                " (precompute_reference_logps=True): evaluate on the data module the module was fitted with."
+            )
+        if self.reference is None:  # LoRA: the reference is the policy with its adapters disabled
+            with reference_mode(self.policy) as base:
+                logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        else:
+            logits = self.reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return sequence_logps(logits.logits, batch.labels).logps
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
@@ -232,17 +368,46 @@ class XRightModule(pl.LightningModule):
     def _consume(self, batch: Mapping[str, Any], name: str, out: ObjectiveOutput) -> None:
         item = batch[name]
         if isinstance(item, StreamTicket):
+            out.num_tokens = item.stream.peek().num_tokens()  # counted on the host copy: no device sync
             item.stream.consume(out.num_examples)
 
     def _reduce(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Average losses over processes, so that every process's selector sees the same values."""
         if self.trainer.world_size > 1 and losses:
             names = sorted(losses)
-            stacked = self.trainer.strategy.reduce(torch.stack([losses[k].float() for k in names]), "mean")
+            stacked = self.trainer.strategy.reduce(torch.stack([losses[k].float() for k in names]), reduce_op="mean")
             return {k: stacked[i] for i, k in enumerate(names)}
         return {k: v.float() for k, v in losses.items()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        with self._training_rng():
+            self._training_micro_step(batch)
+
+    @contextmanager
+    def _training_rng(self):
+        """Run under the module's own RNG stream (dropout draws), saved in checkpoints.
+
+        Validation, data loaders and user code also draw from the global generator; keeping the training draws
+        in a stream of their own makes a resumed run draw exactly what an uninterrupted one draws.
+        """
+        cuda = self.device.type == "cuda"
+        outer = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        if self._rng_state is not None:
+            torch.set_rng_state(self._rng_state["cpu"])
+            if cuda and self._rng_state.get("cuda") is not None:
+                torch.cuda.set_rng_state(self._rng_state["cuda"], self.device)
+        try:
+            yield
+        finally:
+            self._rng_state = {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
+            }
+            torch.set_rng_state(outer[0])
+            if cuda:
+                torch.cuda.set_rng_state(outer[1], self.device)
+
+    def _training_micro_step(self, batch: Mapping[str, Any]) -> None:
         accumulate = self.hparams.accumulate_grad_batches
         step = self.global_step
         self._device_batches = {}
@@ -273,6 +438,10 @@ class XRightModule(pl.LightningModule):
         self._pre = {name: self.objective(name, self._batch(batch, name)) for name in selector.needs(step)}
         values = self._reduce({k: o.loss.detach() for k, o in self._pre.items()})
         self._decision = selector.decide(step, values)
+        for name in [k for k in self._pre if k not in self._decision.weights]:
+            del self._pre[name]  # evaluated, not trained: free its graph before the chosen objective's backward
+        # Every process must train the same objective(s): checked before any backward pass (one tiny all-gather).
+        check_agreement(self.trainer.strategy, step, self._decision, type(selector).__name__)
         if self._decision.reset_optimizer:
             self.reset_optimizer()
         if self._decision.reset_reference:
@@ -281,6 +450,10 @@ class XRightModule(pl.LightningModule):
 
     def _finish_step(self, step: int) -> None:
         opt = self.optimizers()
+        if not self._update_is_finite(step):
+            opt.zero_grad(set_to_none=True)
+            self._micro, self._step_outputs = 0, {}
+            return
         if self.hparams.gradient_clip_val is not None:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
         opt.step()
@@ -300,6 +473,7 @@ class XRightModule(pl.LightningModule):
                 logs[key] = torch.stack([o.metrics[key] for o in outs]).mean()
         self.selector.observe(step, self._decision, self._reduce(trained))
         logs["train/lr"] = opt.param_groups[0]["lr"]
+        logs["train/nonfinite_skips"] = float(self.nonfinite_skips)
         for name in OBJECTIVES:
             logs[f"tokens/{name}"] = float(self.tokens[name])
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
@@ -311,6 +485,41 @@ class XRightModule(pl.LightningModule):
         if max_steps is not None and max_steps > 0 and self.global_step >= max_steps:
             self.trainer.should_stop = True  # validate once more at the very last step
 
+    def _update_is_finite(self, step: int) -> bool:
+        """True when this step's losses and gradient are finite; else count, log and skip it (False).
+
+        The values are averaged over processes first, so every process takes the same decision. With a gradient
+        scaler (fp16) only the losses are checked: the scaler itself skips steps with inf/NaN gradients.
+        """
+        check = {name: torch.stack([o.loss for o in outs]).mean() for name, outs in self._step_outputs.items()}
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: the local shard
+            if grads:
+                check["gradient"] = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+        values = self._reduce(check)
+        finite = torch.isfinite(torch.stack(list(values.values()))).tolist() if values else []
+        if all(finite):
+            self._nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_skips += 1
+        self._nonfinite_in_a_row += 1
+        bad = ", ".join(f"{k}={float(v):g}" for (k, v), ok in zip(values.items(), finite) if not ok)
+        limit = self.hparams.max_consecutive_nonfinite
+        log.warning(
+            "step %d (%s branch): non-finite %s; update skipped (%d in a row, %d in all; stop after %d in a row)",
+            step, self._decision.branch, bad, self._nonfinite_in_a_row, self.nonfinite_skips, limit,
+        )  # fmt: skip
+        if self._nonfinite_in_a_row >= limit:
+            raise TrainingError(
+                f"Training stopped at optimizer step {step}: {limit} consecutive steps had a non-finite loss or"
+                f" gradient (last: {self._decision.branch} branch, {bad}); each was skipped without an update, and"
+                " no checkpoint holds non-finite weights. Lower the learning rate or enable gradient clipping"
+                " (--model.gradient_clip_val), check the data for degenerate rows, use bf16 instead of fp16, or"
+                " allow more with --model.max_consecutive_nonfinite; then resume with --ckpt_path last."
+            )
+        return False
+
     def reset_optimizer(self) -> None:
         """Re-create the optimizer and LR scheduler (fresh state), e.g. at Sequential's switch."""
         strategy = self.trainer.strategy
@@ -321,12 +530,35 @@ class XRightModule(pl.LightningModule):
             new._on_before_step, new._on_after_step = prev._on_before_step, prev._on_after_step
 
     def reset_reference(self) -> None:
-        """Make the reference a frozen copy of the policy as it stands now."""
+        """Make the reference a frozen copy of the policy as it stands now.
+
+        With LoRA the adapters' update is folded into the base weights and the adapters restart from zero: the
+        policy is unchanged, and "adapters disabled" (the reference) is now the policy as it stands.
+        """
+        if self.reference_released:
+            raise ConfigError("the reference model was released (precompute_reference_logps=True); it cannot be reset")
+        if self.lora is not None:
+            if self.reference is not None:
+                raise ConfigError(
+                    "a stage-start reference with LoRA needs the adapter-free reference: leave --model.reference"
+                    " unset, or use Sequential(reference='initial')"
+                )
+            fold_adapters(self.policy)
+            self.reference_is_initial = False
+            return
         self.reference.load_state_dict(self.policy.state_dict())
         setup_reference_model(self.reference)
         self.reference_is_initial = False
+        self._reference_reset = True
 
     # ------------------------------------------------------------------ validation
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning frees the gradients before validating; not in the middle of gradient accumulation, where they
+        are the half-accumulated gradients of the current optimizer step (``val_check_interval`` counts
+        micro-batches)."""
+        if self._micro == 0:
+            super().on_validation_model_zero_grad()
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if isinstance(batch, SFTBatch):
             logits = self.forward_logits(batch.input_ids, batch.attention_mask)
@@ -342,12 +574,22 @@ class XRightModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise TrainingError(
+                f"Refusing to write a checkpoint at step {self.global_step}: {len(bad)} policy tensors hold NaN or"
+                f" inf (first: {bad[0]}). The previous checkpoint is kept; resume from it with a lower learning rate."
+            )
         checkpoint["xright_pl"] = {
             "steps": dict(self.steps),
             "tokens": dict(self.tokens),
             "reference_is_initial": self.reference_is_initial,
+            "reference_reset": self._reference_reset,
+            "rng": self._rng_state,
+            "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
         }
-        if self.reference_is_initial or self.hparams.reference is not None:
+        if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
             # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
             sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith("reference.")]:
@@ -358,6 +600,10 @@ class XRightModule(pl.LightningModule):
         self.steps = dict(state.get("steps", self.steps))
         self.tokens = dict(state.get("tokens", self.tokens))
         self.reference_is_initial = state.get("reference_is_initial", self.reference_is_initial)
+        self._reference_reset = state.get("reference_reset", self._reference_reset)
+        self._rng_state = state.get("rng", self._rng_state)
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl.errors import ConfigError
+from xright_pl.optimum import Optimum, load_optimum
 
 OBJECTIVES = ("sft", "dpo")
 
@@ -165,35 +166,89 @@ class Maxright(Selector):
     own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10.
 
     The optima must use exactly the loss normalisation of training (token-mean NLL for SFT, pair-mean sigmoid
-    DPO loss), e.g. the final validation losses of SFT-only and DPO-only runs from the same start.
+    DPO loss), e.g. the final validation losses of SFT-only and DPO-only runs from the same start: give them
+    as ``optimum_file`` (written by ``python -m xright_pl optimum``) or as ``f_sft_star`` and ``f_dpo_star``.
+
+    With neither, the optima are estimated online: ``f_i* = (1 - online_margin) * min_v val_i(v)``, the running
+    minimum of this run's validation loss ``val/sft_loss`` resp. ``val/dpo_loss`` over the validations so far
+    (sanity checks excluded), lowered by the relative margin; before the first validation ``f_i* = 0``, a
+    valid lower bound of both losses (so the first decisions compare ``lam * f_dpo`` with
+    ``(1 - lam) * f_sft``). The estimate changes only at validations, which are identical on every process.
 
     Args:
         f_sft_star: optimum (lowest reachable) SFT loss.
         f_dpo_star: optimum (lowest reachable) DPO loss.
         eval_every: re-evaluate both losses every this many optimizer steps (k >= 1).
+        optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (instead of the two numbers).
+        online_margin: relative margin of the online estimate (used only without given optima), in [0, 1).
     """
 
     name = "maxright"
 
-    def __init__(self, f_sft_star: float | None = None, f_dpo_star: float | None = None, eval_every: int = 10):
+    def __init__(
+        self,
+        f_sft_star: float | None = None,
+        f_dpo_star: float | None = None,
+        eval_every: int = 10,
+        optimum_file: str | None = None,
+        online_margin: float = 0.1,
+    ):
         super().__init__()
         problems = []
-        if f_sft_star is None or f_dpo_star is None:
+        given = (f_sft_star is not None, f_dpo_star is not None)
+        if any(given) and not all(given):
             problems.append(
                 "MAXRIGHT needs both optima: set --model.selector.init_args.f_sft_star and f_dpo_star"
-                " (the final validation losses of an SFT-only and a DPO-only run from the same start)"
+                " (the final validation losses of an SFT-only and a DPO-only run from the same start), or"
+                " optimum_file, or neither for the online estimate"
             )
+        if any(given) and optimum_file is not None:
+            problems.append("give optimum_file or f_sft_star/f_dpo_star, not both")
         for nm, v in (("f_sft_star", f_sft_star), ("f_dpo_star", f_dpo_star)):
             if v is not None and not math.isfinite(float(v)):
                 problems.append(f"{nm} must be a finite number, got {v!r}")
         if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
             problems.append(f"eval_every (k) must be an integer >= 1, got {eval_every!r}")
+        if not isinstance(online_margin, (int, float)) or not (0.0 <= online_margin < 1.0):
+            problems.append(f"online_margin must be in [0, 1), got {online_margin!r}")
         if problems:
             raise ConfigError("Invalid MAXRIGHT settings: " + "; ".join(problems) + ".")
-        self.f_star = {"sft": float(f_sft_star), "dpo": float(f_dpo_star)}
+        self.optimum = load_optimum(optimum_file) if optimum_file is not None else None
+        if all(given):
+            self.optimum = Optimum(float(f_sft_star), float(f_dpo_star))
+        self.optimum_file = optimum_file
+        self.online_margin = float(online_margin)
+        self.val_min: dict[str, float] = {}
         self.eval_every = eval_every
         self.values: dict[str, float] = {}
         self.evaluations = 0
+
+    @property
+    def online(self) -> bool:
+        """True when the optima are estimated online (none were given)."""
+        return self.optimum is None
+
+    @property
+    def f_star(self) -> dict[str, float]:
+        """The optima in use: the given ones, or the online estimate (see the class docstring)."""
+        if self.optimum is not None:
+            return {"sft": self.optimum.f_sft, "dpo": self.optimum.f_dpo}
+        return {k: (1.0 - self.online_margin) * self.val_min[k] if k in self.val_min else 0.0 for k in OBJECTIVES}
+
+    def observe_validation(self, losses: Mapping[str, float]) -> None:
+        """Feed the online estimate one validation's losses (``{"sft": ..., "dpo": ...}``)."""
+        for k, v in losses.items():
+            if k in OBJECTIVES and math.isfinite(float(v)):
+                self.val_min[k] = min(self.val_min.get(k, math.inf), float(v))
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.optimum is not None and hasattr(pl_module, "beta"):
+            self.optimum.check_beta(pl_module.beta)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.online and not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in OBJECTIVES if f"val/{k}_loss" in m})
 
     def needs(self, step: int) -> tuple[str, ...]:
         if step % self.eval_every == 0 or len(self.values) < 2:
@@ -203,9 +258,10 @@ class Maxright(Selector):
     def gaps(self) -> dict[str, float]:
         """Weighted gaps ``{"sft": (1-lam)(f_sft - f*), "dpo": lam (f_dpo - f*)}`` of the tracked values."""
         lam = self._lam()
+        f_star = self.f_star
         return {
-            "sft": (1.0 - lam) * (self.values["sft"] - self.f_star["sft"]),
-            "dpo": lam * (self.values["dpo"] - self.f_star["dpo"]),
+            "sft": (1.0 - lam) * (self.values["sft"] - f_star["sft"]),
+            "dpo": lam * (self.values["dpo"] - f_star["dpo"]),
         }
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
@@ -219,13 +275,16 @@ class Maxright(Selector):
         self.values.update({k: float(v) for k, v in losses.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": dict(self.values), "evaluations": self.evaluations}
+        return {"values": dict(self.values), "evaluations": self.evaluations, "val_min": dict(self.val_min)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.values = dict(state_dict["values"])
         self.evaluations = state_dict["evaluations"]
+        self.val_min = dict(state_dict.get("val_min", {}))
 
     def describe(self) -> str:
+        if self.online:
+            return f"maxright(k={self.eval_every}, f* online: running min of val losses, margin {self.online_margin})"
         return f"maxright(k={self.eval_every}, f_sft*={self.f_star['sft']:.4g}, f_dpo*={self.f_star['dpo']:.4g})"
 
 

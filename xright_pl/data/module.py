@@ -9,6 +9,7 @@ per objective.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -19,9 +20,31 @@ from torch.utils.data import DataLoader
 
 from xright_pl.data.collate import collate_preference, collate_sft
 from xright_pl.data.sources import PreferenceData, SFTData, load_preference, load_sft, load_tokenizer
-from xright_pl.data.streams import BatchStream, TicketIterable
+from xright_pl.data.streams import BatchStream, TicketIterable, length_grouped_order, row_lengths
 
 log = logging.getLogger(__name__)
+
+#: Columns of the preference sets holding precomputed reference log-probs ``s_ref(y_w)``, ``s_ref(y_l)``.
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: Token-id columns whose longest entry is a row's length (for length grouping).
+LENGTH_COLUMNS = {"sft": ("input_ids",), "dpo": ("chosen_input_ids", "rejected_input_ids")}
+
+
+def with_columns(dataset: Any, columns: dict[str, Sequence[float]]) -> Any:
+    """``dataset`` with ``columns`` added (replacing same-named ones): a new ``datasets.Dataset``, or for a
+    list of dict rows a new list of updated dicts."""
+    n = len(dataset)
+    for name, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"column {name!r} has {len(values)} values for {n} rows")
+    if hasattr(dataset, "add_column"):
+        present = [c for c in columns if c in dataset.column_names]
+        if present:
+            dataset = dataset.remove_columns(present)
+        for name, values in columns.items():
+            dataset = dataset.add_column(name, [float(v) for v in values])
+        return dataset
+    return [{**dataset[i], **{k: float(v[i]) for k, v in columns.items()}} for i in range(n)]
 
 
 @dataclass
@@ -40,6 +63,11 @@ class Batching:
     """Data loader worker processes."""
     shuffle: bool = True
     """Shuffle each epoch of the training data (seeded)."""
+    group_by_length: bool = False
+    """Batch rows of similar length together (less padding): each epoch's seeded permutation is cut into
+    mega-batches of ``length_group_batches`` batches, each sorted by length; batches are then shuffled."""
+    length_group_batches: int = 50
+    """Batches per length-sorted mega-batch when ``group_by_length`` is on."""
 
 
 DEMO_SFT = SFTData(path="builtin:demo/sft_train.jsonl", eval_path="builtin:demo/sft_eval.jsonl")
@@ -134,6 +162,7 @@ class JointDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world,
                 num_workers=self.batching.num_workers,
+                order_fn=self._length_order(name, ds, world) if self.batching.group_by_length else None,
             )
             if name in self._stream_state:
                 stream.restore(self._stream_state[name])
@@ -152,6 +181,25 @@ class JointDataModule(pl.LightningDataModule):
             )
             for name, ds in self.val_sets.items()
         ]
+
+    def _length_order(self, name: str, dataset: Any, world_size: int):
+        """The stream's ``order_fn`` for length-grouped batches (lengths read once, here)."""
+        lengths = row_lengths(dataset, LENGTH_COLUMNS[name])
+        global_batch = self.batch_size(name) * world_size
+        group, shuffle = self.batching.length_group_batches, self.batching.shuffle
+        return lambda epoch, g: length_grouped_order(lengths, global_batch, group, g, shuffle)
+
+    def set_reference_logps(self, split: str, chosen: Sequence[float], rejected: Sequence[float]) -> None:
+        """Store precomputed reference log-probs in the ``split`` (``train`` or ``val``) preference set, as
+        columns :data:`REF_COLUMNS` (row order of the set); batches then carry them as ``ref_logps``.
+
+        A training stream already opened keeps its position and reads the new columns from its next batch.
+        """
+        sets = {"train": self.train_sets, "val": self.val_sets}[split]
+        sets["dpo"] = with_columns(sets["dpo"], dict(zip(REF_COLUMNS, (chosen, rejected))))
+        stream = self.streams.get("dpo") if split == "train" else None
+        if stream is not None:
+            stream.replace_dataset(sets["dpo"])
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

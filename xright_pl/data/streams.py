@@ -24,6 +24,64 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+def row_lengths(dataset: Any, columns: Sequence[str]) -> list[int]:
+    """Per-row token length of ``dataset``: the longest of the list columns ``columns`` in each row.
+
+    Reads list lengths from the Arrow table of a ``datasets.Dataset`` without decoding the token ids;
+    any other map-style dataset of dict rows is read row by row.
+    """
+    if hasattr(dataset, "with_format"):  # a datasets.Dataset: an Arrow table (honouring any index mapping)
+        import pyarrow.compute as pc
+
+        table = dataset.with_format("arrow", columns=list(columns))[:]
+        per_column = [pc.list_value_length(table.column(c)).to_pylist() for c in columns]
+    else:
+        rows = [dataset[i] for i in range(len(dataset))]
+        per_column = [[len(r[c]) for r in rows] for c in columns]
+    return [max(v) for v in zip(*per_column)]
+
+
+def length_grouped_order(
+    lengths: Sequence[int],
+    global_batch: int,
+    group_batches: int,
+    generator: torch.Generator,
+    shuffle: bool = True,
+) -> list[int]:
+    """An epoch order whose consecutive ``global_batch``-sized chunks hold rows of similar length.
+
+    The (seeded) permutation is cut into mega-batches of ``group_batches`` global batches; each mega-batch
+    is sorted by length (longest first) and cut into batches. The full batches are then shuffled (so the
+    length does not trend through the epoch), the batch holding the longest row goes first (an
+    out-of-memory error shows at the first step, not hours in), and a last partial batch stays last, so
+    :class:`_EpochBatchSampler`'s chunks are exactly these batches. The result is a permutation of
+    ``range(len(lengths))`` that depends only on ``lengths``, the sizes and the generator's state.
+
+    Args:
+        lengths: token length of each row (for a pair, the longer of its two sequences).
+        global_batch: rows per optimizer micro-batch over all processes (batch size x world size).
+        group_batches: batches per mega-batch (sorting window); 1 sorts within each batch only.
+        generator: source of randomness (seeded per epoch by the stream).
+        shuffle: start from a random permutation and shuffle the batches (else dataset order, batches
+            in mega-batch order).
+    """
+    if global_batch < 1 or group_batches < 1:
+        raise ValueError(f"global_batch and group_batches must be >= 1, got {global_batch}, {group_batches}")
+    n = len(lengths)
+    base = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    mega = global_batch * group_batches
+    batches: list[list[int]] = []
+    for start in range(0, n, mega):
+        chunk = sorted(base[start : start + mega], key=lambda i: -lengths[i])  # stable: ties stay random
+        batches.extend(chunk[j : j + global_batch] for j in range(0, len(chunk), global_batch))
+    tail = [batches.pop()] if batches and len(batches[-1]) < global_batch else []
+    if shuffle and batches:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        batches.insert(0, batches.pop(longest))
+    return [i for b in batches + tail for i in b]
+
+
 class _EpochBatchSampler(Sampler[list[int]]):
     """Batches of indices of one epoch of one process, starting at batch ``start``."""
 
@@ -122,6 +180,9 @@ class BatchStream:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             persistent_workers=False,
+            # Its own generator: opening the loader (e.g. on resume) must not draw from the global RNG that
+            # the training step's dropout uses, or a resumed run would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
         )
         return iter(loader)
 
@@ -148,6 +209,14 @@ class BatchStream:
         self.consumed_examples += num_examples
         if self.position >= len(self):
             self.epoch, self.position, self._iter = self.epoch + 1, 0, None
+
+    def replace_dataset(self, dataset: Any) -> None:
+        """Read from ``dataset`` (same rows, e.g. with added columns) from the current position on; a peeked
+        but unconsumed batch is fetched again from the new dataset."""
+        if len(dataset) != len(self.dataset):
+            raise ValueError(f"the {self.name} stream has {len(self.dataset)} rows, the new dataset {len(dataset)}")
+        self.dataset = dataset
+        self._iter, self._pending = None, None
 
     @property
     def epochs_done(self) -> float:

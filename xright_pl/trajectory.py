@@ -97,8 +97,12 @@ def plot_trajectory(points: list[tuple[int, float, float]], optimum: Optimum | N
         # Log axes keep the start (often 10x the end) and the ideal point readable in one picture.
         all_vals = xs + ys + ([optimum.f_sft, optimum.f_dpo] if optimum is not None else [])
         if min(all_vals) > 0:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on short decades
     ax.set_xlabel("f_sft (val/sft_loss)")
     ax.set_ylabel("f_dpo (val/dpo_loss)")
     ax.set_title(title or "trade-off trajectory")

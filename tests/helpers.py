@@ -31,10 +31,16 @@ def tiny_module(selector=None, lam=0.5, **kwargs) -> XRightModule:
     return XRightModule(model_config=dict(TINY_LLAMA), selector=selector, lam=lam, **kwargs)
 
 
-def demo_data(limit: int | None = 256, sft_bs: int = 4, dpo_bs: int = 2, **batching) -> JointDataModule:
+def demo_data(
+    limit: int | None = 256,
+    sft_bs: int = 4,
+    dpo_bs: int = 2,
+    sft_path: str = "builtin:demo/sft_train.jsonl",
+    **batching,
+) -> JointDataModule:
     return JointDataModule(
         sft=SFTData(
-            path="builtin:demo/sft_train.jsonl",
+            path=sft_path,
             eval_path="builtin:demo/sft_eval.jsonl",
             limit=limit,
             max_length=64,
@@ -47,6 +53,23 @@ def demo_data(limit: int | None = 256, sft_bs: int = 4, dpo_bs: int = 2, **batch
         ),
         batching=Batching(sft_batch_size=sft_bs, dpo_batch_size=dpo_bs, eval_batch_size=32, **batching),
     )
+
+
+def varied_sft_file(folder) -> str:
+    """The first 16 demo SFT rows with answers of 1 to 8 words (the demo's own answers all have the same number
+    of tokens), written to ``folder/sft_varied.jsonl``: for tests where the SFT token mean must weigh rows by
+    their lengths."""
+    import json
+
+    from xright_pl.assets import resolve
+
+    lines = Path(resolve("builtin:demo/sft_train.jsonl")).read_text().splitlines()[:16]
+    rows = [json.loads(line) for line in lines]
+    for i, row in enumerate(rows):
+        row["output"] = " ".join(row["instruction"].split()[: 1 + i % 8])
+    path = Path(folder) / "sft_varied.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:

@@ -40,6 +40,8 @@ def _selector(kind: str, rank: int):
         return type("RecMix", (Rec, Mix), {})()
     if kind.startswith("fsdp"):  # the same as "alright", so the results can be compared
         return type("RecAlright", (Rec, Alright), {})(seed=7)
+    if kind == "equiv":  # both objectives in every step, each with its own normalisation
+        return type("RecMix", (Rec, Mix), {})()
     if kind == "desync":  # the bug the paper's code had: a draw that differs by rank
         return type("RecAlright", (Rec, Alright), {})(seed=100 + rank)
     raise ValueError(kind)
@@ -53,8 +55,12 @@ def worker(kind: str, out_dir: str) -> None:
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
     selector = _selector(kind, rank)
-    accumulate = 2 if kind == "alright" or kind.startswith("fsdp") else 1
+    accumulate = 2 if kind in ("alright", "equiv") or kind.startswith("fsdp") else 1
     module = tiny_module(selector, accumulate_grad_batches=accumulate)
+    data = demo_data(limit=64)
+    if kind == "equiv":  # half the single-process batch on each rank, answers of different lengths, SGD
+        module = tiny_module(selector, lam=0.3, accumulate_grad_batches=accumulate, optimizer=_sgd)
+        data = demo_data(limit=64, sft_bs=2, dpo_bs=1, sft_path=str(Path(out_dir, "sft_varied.jsonl")))
     strategy, precision = "ddp", "32-true"
     if kind.startswith("fsdp"):  # fsdp-32-true, fsdp-bf16-mixed, fsdp-bf16-true
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -78,7 +84,7 @@ def worker(kind: str, out_dir: str) -> None:
     )
     result = {"rank": trainer.global_rank}
     try:
-        trainer.fit(module, datamodule=demo_data(limit=64))
+        trainer.fit(module, datamodule=data)
     except Exception as e:  # noqa: BLE001 - the test reads the message
         result["error"] = f"{type(e).__name__}: {e}"
     else:
@@ -94,9 +100,19 @@ def worker(kind: str, out_dir: str) -> None:
             consumed=trainer.datamodule.consumed_examples(),
             global_step=trainer.global_step,
         )
+        if kind == "equiv" and trainer.global_rank == 0:
+            import torch
+
+            torch.save(module.policy.state_dict(), Path(out_dir, "policy.pt"))
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     if "error" in result:
         sys.exit(3)
+
+
+def _sgd(params):
+    import torch
+
+    return torch.optim.SGD(params, lr=0.5)
 
 
 def _full_weights_sha256(model) -> str:
@@ -179,6 +195,27 @@ def test_ranks_agree_and_stay_identical(kind, tmp_path):
     assert r0["steps"] == r1["steps"] and r0["keys"] == r1["keys"]
     assert "train/lr" in r0["keys"] and "steps/sft" in r0["keys"]
     assert r0["consumed"] == r1["consumed"]
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x (2 SFT rows, 1 pair) x 2 micro-batches == 1 process x (4 rows, 2 pairs) x 2 micro-batches: the
+    SFT token mean is taken over the whole step on all ranks (answers of different lengths), DPO over all pairs."""
+    import torch
+    from helpers import demo_data, tiny_module, trainer, varied_sft_file
+
+    from xright_pl import Mix
+
+    sft = varied_sft_file(tmp_path)
+    proc, results = _launch("equiv", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results[0]["weights"] == results[1]["weights"]
+    single = tiny_module(Mix(), lam=0.3, accumulate_grad_batches=2, optimizer=_sgd)
+    t = trainer(tmp_path / "single", STEPS, limit_val_batches=1)
+    t.fit(single, datamodule=demo_data(limit=64, sft_bs=4, dpo_bs=2, sft_path=sft))
+    ddp = torch.load(tmp_path / "policy.pt", weights_only=True)
+    for name, p in single.policy.state_dict().items():
+        torch.testing.assert_close(ddp[name], p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert single.steps == results[0]["steps"] == {"sft": STEPS, "dpo": STEPS}
 
 
 def test_desynchronised_selector_is_stopped(tmp_path):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
-from helpers import demo_data, tiny_module, trainer
+from helpers import demo_data, tiny_module, trainer, varied_sft_file
 
 from xright_pl import Alright, Mix, Sequential, Single
 from xright_pl.callbacks import weights_sha256
@@ -40,25 +39,24 @@ def _fit(tmp_path, selector, steps, lam=0.5, data=None, **kwargs):
 
 
 # ------------------------------------------------------------------------------ gradient accumulation
-def _equal_length_sft_data(batch_size):
-    """Demo data whose SFT rows all have the same number of response tokens (the most common count), so
-    the token-mean over 8 rows equals the mean of 8 one-row token-means."""
-    data = demo_data(limit=256, sft_bs=batch_size, dpo_bs=batch_size, shuffle=False)
-    data.load()
-    ds = data.train_sets["sft"]
-    common, n = Counter(ds["num_response_tokens"]).most_common(1)[0]
-    assert n >= 8
-    data.train_sets["sft"] = ds.filter(lambda k: k == common, input_columns=["num_response_tokens"])
-    return data
+def _ordered_data(batch_size, sft_path):
+    """Data in file order, so both runs train on the same rows."""
+    return demo_data(limit=256, sft_bs=batch_size, dpo_bs=batch_size, sft_path=sft_path, shuffle=False)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "sft"])
 def test_gradient_accumulation_1x8_equals_8x1(tmp_path, objective):
     """One optimizer step on 8 examples: one micro-batch of 8 == 8 micro-batches of 1 (validation running
-    between the micro-batches included)."""
-    whole = _fit(tmp_path / "a", Single(objective), 1, data=_equal_length_sft_data(8), optimizer=_sgd)
+    between the micro-batches included). The SFT rows have different response lengths: the step's loss is the
+    token mean over all 8 rows, not the mean of 8 per-row token means."""
+    sft = varied_sft_file(tmp_path)
+    data = _ordered_data(8, sft)
+    data.load()
+    lengths = [data.train_sets["sft"][i]["num_response_tokens"] for i in range(8)]
+    assert len(set(lengths)) >= 5, lengths
+    whole = _fit(tmp_path / "a", Single(objective), 1, data=_ordered_data(8, sft), optimizer=_sgd)
     accumulated = _fit(
-        tmp_path / "b", Single(objective), 1, data=_equal_length_sft_data(1), optimizer=_sgd, accumulate_grad_batches=8
+        tmp_path / "b", Single(objective), 1, data=_ordered_data(1, sft), optimizer=_sgd, accumulate_grad_batches=8
     )
     init = tiny_module(Single(objective))
     init.configure_model()
@@ -69,6 +67,17 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, objective):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         moved = max(moved, (p - p0).abs().max().item())
     assert moved > 1e-3  # the step did something
+
+
+def test_mix_accumulation_weighs_each_objective_by_its_own_units(tmp_path):
+    """Mix trains both objectives every micro-batch; each keeps its own normalisation under accumulation."""
+    sft = varied_sft_file(tmp_path)
+    whole = _fit(tmp_path / "a", Mix(), 1, lam=0.3, data=_ordered_data(4, sft), optimizer=_sgd)
+    accumulated = _fit(
+        tmp_path / "b", Mix(), 1, lam=0.3, data=_ordered_data(1, sft), optimizer=_sgd, accumulate_grad_batches=4
+    )
+    for (name, p), q in zip(whole.policy.named_parameters(), accumulated.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------ degenerate trade-offs

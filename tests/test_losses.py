@@ -216,6 +216,19 @@ def test_sft_loss_hand_worked():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_batch_loss_units_count_what_the_losses_average_over():
+    """``SFTBatch.loss_units`` (counted on the host to weigh micro-batches) equals ``sft_loss``'s count: the
+    first label of a row is never scored (nothing predicts it). ``PreferenceBatch.loss_units`` = pairs."""
+    from xright_pl.types import PreferenceBatch, SFTBatch
+
+    labels = torch.tensor([[5, 2, IGNORE_INDEX, 1], [IGNORE_INDEX, 0, 1, 2]])
+    batch = SFTBatch(input_ids=labels.clamp(min=0), attention_mask=torch.ones_like(labels), labels=labels)
+    _, count = sft_loss(torch.zeros(2, 4, 6), labels)
+    assert batch.loss_units().item() == count.item() == 5
+    pairs = PreferenceBatch(input_ids=torch.zeros(6, 3, dtype=torch.long), attention_mask=None, labels=None)
+    assert pairs.loss_units().item() == 3
+
+
 def test_sft_loss_all_masked_is_zero_with_zero_grad():
     """All labels IGNORE -> count 0, loss = 0 / max(0, 1) = 0.0 exactly (not NaN), still attached to the
     graph so ``backward`` runs, and every gradient entry is exactly 0.

@@ -37,6 +37,11 @@ class SFTBatch:
         """Number of non-padding tokens in the batch (0-dim tensor, no host sync)."""
         return self.attention_mask.sum()
 
+    def loss_units(self) -> torch.Tensor:
+        """What the SFT loss averages over: the scored response tokens (labels shifted by one, as in
+        :func:`xright_pl.losses.token_logps`). 0-dim long; call it on the host copy to avoid a sync."""
+        return (self.labels[:, 1:] != IGNORE_INDEX).sum()
+
 
 @dataclass
 class PreferenceBatch:
@@ -64,6 +69,10 @@ class PreferenceBatch:
 
     def num_tokens(self) -> torch.Tensor:
         return self.attention_mask.sum()
+
+    def loss_units(self) -> torch.Tensor:
+        """What the DPO loss averages over: the pairs (0-dim long)."""
+        return torch.tensor(self.num_examples)
 
 
 @dataclass

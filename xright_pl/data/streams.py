@@ -156,7 +156,8 @@ class BatchStream:
         self.consumed_batches = 0
         self.consumed_examples = 0
         self._iter: Iterator[Any] | None = None
-        self._pending: Any = None
+        self._buffer: list[Any] = []  # fetched, not yet consumed batches, in order
+        self._read = (0, 0)  # (epoch, batch) where the open iterator reads next
 
     def __len__(self) -> int:
         """Batches per epoch on this process."""
@@ -170,10 +171,8 @@ class BatchStream:
             return list(range(len(self.dataset)))
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
-    def _open(self) -> Iterator[Any]:
-        sampler = _EpochBatchSampler(
-            self._order(self.epoch), self.batch_size, self.rank, self.world_size, self.position
-        )
+    def _open(self, epoch: int, start: int) -> Iterator[Any]:
+        sampler = _EpochBatchSampler(self._order(epoch), self.batch_size, self.rank, self.world_size, start)
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -182,33 +181,48 @@ class BatchStream:
             persistent_workers=False,
             # Its own generator: opening the loader (e.g. on resume) must not draw from the global RNG that
             # the training step's dropout uses, or a resumed run would diverge from an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         return iter(loader)
 
-    def peek(self) -> Any:
-        """The next untrained batch (the same one until :meth:`consume` is called)."""
-        if self._pending is None:
+    def _fetch(self) -> Any:
+        """Read one more batch after the buffered ones (crossing into the next epoch when needed)."""
+        while True:
             if self._iter is None:
-                self._iter = self._open()
+                if not self._buffer:  # reading resumes right after the consumed batches
+                    self._read = (self.epoch, self.position)
+                self._iter = self._open(*self._read)
+            epoch, index = self._read
             try:
-                self._pending = next(self._iter)
-            except StopIteration:  # the epoch's sampler ran out without consume() closing it
+                batch = next(self._iter)
+            except StopIteration:  # the epoch's sampler ran out
+                self._iter, self._read = None, (epoch + 1, 0)
+                continue
+            self._read = (epoch, index + 1) if index + 1 < len(self) else (epoch + 1, 0)
+            if index + 1 >= len(self):
                 self._iter = None
-                self.epoch, self.position = self.epoch + 1, 0
-                return self.peek()
-        return self._pending
+            return batch
+
+    def peek(self, offset: int = 0) -> Any:
+        """The untrained batch ``offset`` places ahead (``0``: the next one; the same until :meth:`consume`).
+
+        Looking ahead (e.g. to count the response tokens of all micro-batches of an optimizer step) fetches
+        the batches once; they are trained on later in this order.
+        """
+        while len(self._buffer) <= offset:
+            self._buffer.append(self._fetch())
+        return self._buffer[offset]
 
     def consume(self, num_examples: int) -> None:
-        """Mark the peeked batch as trained on."""
-        if self._pending is None:
+        """Mark the next batch (the one :meth:`peek` returns) as trained on."""
+        if not self._buffer:
             raise RuntimeError(f"consume() on the {self.name} stream without a peeked batch")
-        self._pending = None
+        self._buffer.pop(0)
         self.position += 1
         self.consumed_batches += 1
         self.consumed_examples += num_examples
         if self.position >= len(self):
-            self.epoch, self.position, self._iter = self.epoch + 1, 0, None
+            self.epoch, self.position = self.epoch + 1, 0
 
     def replace_dataset(self, dataset: Any) -> None:
         """Read from ``dataset`` (same rows, e.g. with added columns) from the current position on; a peeked
@@ -216,7 +230,7 @@ class BatchStream:
         if len(dataset) != len(self.dataset):
             raise ValueError(f"the {self.name} stream has {len(self.dataset)} rows, the new dataset {len(dataset)}")
         self.dataset = dataset
-        self._iter, self._pending = None, None
+        self._iter, self._buffer = None, []
 
     @property
     def epochs_done(self) -> float:
@@ -244,7 +258,7 @@ class BatchStream:
         self.consumed_batches = state["consumed_batches"]
         self.consumed_examples = state["consumed_examples"]
         self.seed = state.get("seed", self.seed)
-        self._iter, self._pending = None, None
+        self._iter, self._buffer = None, []
 
 
 class StreamTicket:

@@ -219,8 +219,14 @@ def test_negative_step_counts(capsys, tmp_path, args, config, expected):
 
 
 def test_unknown_method(capsys, tmp_path):
-    err = _fails(capsys, tmp_path, "--model.selector.class_path", "xright_pl.Maxleft")
+    err = _one_paragraph(_fails(capsys, tmp_path, "--model.selector.class_path", "xright_pl.Maxleft"))
     assert "xright_pl.Maxleft" in err and "has no attribute 'Maxleft'" in err
+    assert "xright_pl.Maxright" in err and "usage:" not in err  # the fix, not the whole usage text
+
+
+def test_misspelt_option(capsys, tmp_path):
+    err = _one_paragraph(_fails(capsys, tmp_path, "--model.lamda", "0.3"))
+    assert "unrecognized arguments: --model.lamda 0.3" in err and "--help" in err and "usage:" not in err
 
 
 def test_maxright_with_one_optimum_names_every_option(capsys, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from xright_pl.cli import EXTRA_COMMANDS, run
+from xright_pl.cli import EXTRA_COMMANDS, main, run
 
 OFFLINE_CONFIGS = sorted([REPO / "configs" / "demo.yaml", *(REPO / "configs" / "demo").glob("*.yaml")])
 SMALL = [
@@ -81,6 +81,59 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "xright_pl: error:" in proc.stderr and "lam must be a number in [0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sequential_stages_in_epochs_through_cli(tmp_path):
+    """switch_epochs / second_epochs count epochs of each objective's own data (known once training starts):
+    128 SFT rows at 16 per step = 8 steps an epoch, 128 pairs at 8 = 16; 0.5 epoch of SFT, then 0.25 of DPO."""
+    run(
+        [
+            "fit", "--config", str(REPO / "configs/demo/sequential.yaml"), "--trainer.default_root_dir",
+            str(tmp_path), "--trainer.max_steps", "-1", "--trainer.enable_progress_bar", "false",
+            "--trainer.limit_val_batches", "1", "--data.sft.limit", "128", "--data.preference.limit", "128",
+            "--model.selector.init_args.switch_epochs", "0.5", "--model.selector.init_args.second_epochs", "0.25",
+        ]
+    )  # fmt: skip
+    summary = _summary(tmp_path)
+    assert (summary["steps/sft"], summary["steps/dpo"], summary["optimizer_steps"]) == (4, 4, 8)
+    assert (summary["examples/sft"], summary["examples/dpo"]) == (64, 32)
+    assert "switch at step 4, end at step 8" in summary["selector"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "hint"),
+    [("accumulate_grad_batches", "4", "--model.accumulate_grad_batches 4"), ("gradient_clip_val", "0.5", "--model")],
+)
+def test_trainer_level_accumulation_or_clipping_points_to_the_model_option(flag, value, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), f"--trainer.{flag}", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert hint in err and "automatic optimization" not in err
+
+
+def test_no_secret_reaches_the_run_directory(tmp_path, monkeypatch, capsys):
+    """Hub credentials come from the environment (HF_TOKEN) and are never written: not in the saved config, the
+    hyper-parameters, summary.json, the TensorBoard events or the checkpoints."""
+    secret = "hf_SECRETsentinel1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", secret)
+    run(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/demo/alright.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *SMALL,
+        ]
+    )
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "summary.json" for p in files)
+    assert any(p.name.startswith("events.out.tfevents") for p in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in capsys.readouterr().out
 
 
 def test_extra_commands_are_registered():

@@ -66,7 +66,13 @@ def test_paper_config_parses_with_the_paper_settings(setup, method, capsys):
     if method == "maxright":
         assert (args["f_sft_star"], args["f_dpo_star"]) == want["f"] and args["eval_every"] == 10
     if method == "sequential":
-        assert args["first"] == "dpo" and args["switch_epochs"] == 3 and args["reference"] == "initial"
+        assert args["first"] == "dpo" and args["reference"] == "initial"
+        # Equal cost with the other methods: the lam split of the same max_steps (DPO first: lam of it).
+        from xright_pl import Sequential
+        from xright_pl.selectors import StepContext
+
+        sel = Sequential(**args).bind(m["lam"], StepContext(max_steps=t["max_steps"]))
+        assert sel.boundary() == round(m["lam"] * t["max_steps"]) and 0 < sel.boundary() < t["max_steps"]
     if method in ("sft_only", "dpo_only"):
         assert args["objective"] == method.removesuffix("_only")
 

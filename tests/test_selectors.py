@@ -93,6 +93,17 @@ def test_maxright_refreshes_only_trained_objective_and_reevaluates_every_k():
     assert other.values == sel.values and other.needs(4) == ()
 
 
+@pytest.mark.parametrize(("lam", "only"), [(0.0, "sft"), (1.0, "dpo")])
+def test_maxright_at_the_ends_trains_only_the_weighted_objective(lam, only):
+    """At lam 0 (1) the target is f_sft (f_dpo) alone. The raw gaps would pick the other objective here: the
+    weighted gap of the objective with weight 0 is 0, and the tracked loss of the other is below its optimum."""
+    sel = Maxright(f_sft_star=1.0, f_dpo_star=0.1, eval_every=1).bind(lam)
+    assert sel.needs(0) == ()  # nothing to evaluate
+    losses = {"sft": 0.9, "dpo": 0.05}
+    for step in range(5):
+        assert sel.decide(step, losses).branch == only
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -129,6 +140,32 @@ def test_sequential_split_follows_lam_and_epochs():
     assert sel.boundary() == 30
     with pytest.raises(ValueError, match="stage length"):
         Sequential().bind(0.5).boundary()
+
+
+def test_sequential_second_stage_in_epochs_ends_the_run():
+    ctx = StepContext(max_steps=-1, steps_per_epoch={"dpo": 20, "sft": 7})
+    sel = Sequential(first="dpo", switch_epochs=1.5, second_epochs=2).bind(0.5, ctx)
+    assert (sel.boundary(), sel.final_step()) == (30, 30 + 14)
+    assert "end at step 44" in sel.describe()
+    assert Sequential(first="dpo", switch_step=5).bind(0.5, ctx).final_step() is None
+
+
+def test_sequential_epochs_without_the_data_is_a_config_error():
+    from xright_pl.errors import ConfigError
+
+    sel = Sequential(switch_epochs=1.0).bind(0.5)  # no steps per epoch yet: binding does not fail
+    with pytest.raises(ConfigError, match="steps per epoch"):
+        sel.boundary()
+
+
+def test_sequential_warns_when_the_second_stage_gets_no_step(caplog):
+    with caplog.at_level("WARNING", logger="xright_pl.selectors"):
+        Sequential(first="dpo", switch_step=500).bind(0.5, StepContext(max_steps=400))
+    assert "the sft stage gets no step" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xright_pl.selectors"):
+        Sequential(first="dpo", switch_step=100).bind(0.5, StepContext(max_steps=400))
+    assert caplog.text == ""
 
 
 def test_sequential_bad_settings():

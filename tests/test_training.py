@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import demo_data, tiny_module, trainer
@@ -112,6 +113,48 @@ def test_maxright_evaluates_every_k_and_skips_no_data(tmp_path):
     assert module.steps == {"sft": branches.count("sft"), "dpo": branches.count("dpo")}
     # An evaluated but untrained batch is not dropped: consumption equals the trained steps exactly.
     assert data.consumed_examples() == {"sft": 4 * module.steps["sft"], "dpo": 2 * module.steps["dpo"]}
+
+
+def test_maxright_evaluation_keeps_one_graph(tmp_path):
+    """On an evaluation step only the objective trained at the previous step is evaluated with a graph; the
+    other runs without one. Its forward runs again (with a graph) only when the decision switches to it."""
+    steps = 16
+    sel = RecMaxright(f_sft_star=4.6, f_dpo_star=0.0, eval_every=1)
+    module = tiny_module(sel)
+    calls = []
+    objective = module.objective
+
+    def recording(name, batch):
+        calls.append((name, torch.is_grad_enabled()))
+        return objective(name, batch)
+
+    module.objective = recording
+    t = trainer(tmp_path, steps)
+    t.fit(module, datamodule=demo_data())
+    branches = [b for _, b, _ in sel.decisions]
+    switches = sum(a != b for a, b in zip(["sft", *branches], branches))  # the first guess is sft
+    assert 0 < switches < steps, branches  # both cases happen
+    assert module.reevaluated_forwards == switches
+    assert sum(not grad for _, grad in calls) == steps  # one graph-free evaluation per step
+    assert sum(grad for _, grad in calls) == steps + switches  # the trained forward; again after a switch
+    assert module.steps == {"sft": branches.count("sft"), "dpo": branches.count("dpo")}
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(tmp_path):
+    from functools import partial
+
+    warmup = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda s: (s + 1) / 10)
+    module = tiny_module(Single("sft"), lr_scheduler=warmup)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(float(trainer.callback_metrics["train/lr"]))
+
+    t = trainer(tmp_path, 3, callbacks=[Spy()])
+    t.fit(module, datamodule=demo_data())
+    assert seen == pytest.approx([3e-4, 6e-4, 9e-4])  # lr 3e-3 x (step + 1) / 10 at steps 0, 1, 2
+    assert math.isfinite(float(t.callback_metrics["train/grad_norm"]))
 
 
 def test_sequential_switches_and_recreates_optimizer(tmp_path):

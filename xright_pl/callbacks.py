@@ -92,6 +92,8 @@ class RunSummary(Callback):
             "tokens_per_s": round(tokens * trainer.world_size / wall, 1) if wall > 0 else None,
             "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
             "weights_sha256": weights_sha256(pl_module.policy),
+            "nonfinite_skips": getattr(pl_module, "nonfinite_skips", 0),
+            "reevaluated_forwards": getattr(pl_module, "reevaluated_forwards", 0),
         }
         if dm is not None and hasattr(dm, "consumed_examples"):
             out["examples/sft"] = dm.consumed_examples().get("sft", 0)

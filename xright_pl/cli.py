@@ -9,14 +9,16 @@ option, and ``--config file.yaml`` reads them from YAML. The other commands (``e
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary
 from xright_pl.data.module import JointDataModule
-from xright_pl.errors import XRightError
+from xright_pl.errors import ConfigError, XRightError
 from xright_pl.metrics import TradeoffMetrics
 from xright_pl.module import XRightModule
 from xright_pl.trajectory import TrajectoryPlot
@@ -39,9 +41,33 @@ class XRightCLI(LightningCLI):
         parser.add_lightning_class_args(TradeoffMetrics, "tradeoff")
         parser.add_lightning_class_args(TrajectoryPlot, "trajectory")
 
+    def before_fit(self) -> None:
+        check_trainer_settings(self.trainer)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+
+def check_trainer_settings(trainer) -> None:
+    """Point Trainer-level accumulation and clipping to the module's own options (the module optimizes by hand,
+    so Lightning refuses them, with advice to switch to automatic optimization that does not apply here)."""
+    wrong = []
+    if trainer.accumulate_grad_batches != 1:
+        wrong.append(
+            f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches}: use --model.accumulate_grad_batches"
+            f" {trainer.accumulate_grad_batches}"
+        )
+    if trainer.gradient_clip_val is not None:
+        wrong.append(
+            f"--trainer.gradient_clip_val {trainer.gradient_clip_val}: use --model.gradient_clip_val"
+            f" {trainer.gradient_clip_val}"
+        )
+    if wrong:
+        raise ConfigError(
+            "gradient accumulation and clipping are options of the model, which steps its optimizer itself (one"
+            " objective's micro-batches per step): " + "; ".join(wrong) + ", and remove the trainer setting."
+        )
 
 
 def _extra_command(name: str) -> Callable:
@@ -63,7 +89,10 @@ def run(args: list[str] | None = None) -> object:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "Joint SFT + DPO post-training (ALRIGHT, MAXRIGHT, Sequential, Mix). Commands: fit,"
-            " validate, " + ", ".join(EXTRA_COMMANDS) + "."
+            " validate, " + ", ".join(EXTRA_COMMANDS) + ".",
+            # A bad option raises (main() prints it as one paragraph) instead of printing the whole usage.
+            "exit_on_error": False,
+            **{cmd: {"exit_on_error": False} for cmd in XRightCLI.subcommands()},
         },
     )
 
@@ -72,12 +101,33 @@ def main(args: list[str] | None = None) -> object:
     """Entry point: like :func:`run`, but a user error is printed as one paragraph and exits with status 2."""
     try:
         return run(args)
+    except ArgumentError as e:
+        print(f"xright_pl: error: {_argument_error(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Exception as e:
         user_error = _user_error(e)
         if user_error is None:
             raise
         print(f"xright_pl: error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+SELECTORS = ("xright_pl.Alright", "xright_pl.Maxright", "xright_pl.Sequential", "xright_pl.Mix", "xright_pl.Single")
+
+
+def _argument_error(e: BaseException) -> str:
+    """A command-line or config error from jsonargparse as one paragraph."""
+    text = str(e)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    bad_class = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", text)
+    if key and bad_class:
+        path, reason = bad_class.group(1), bad_class.group(2).strip()
+        hint = "the import path of a class"
+        if key.group(1).endswith("selector"):
+            hint = "one of " + ", ".join(SELECTORS) + ", or the import path of your own Selector subclass"
+        return f"--{key.group(1)}: {path!r} cannot be used ({reason}). Give {hint}."
+    message = " ".join(ln.strip(" -") for ln in text.splitlines() if ln.strip()).rstrip(".")
+    return message + ". Run `python -m xright_pl <command> --help` for the options."
 
 
 def _user_error(e: BaseException | None) -> BaseException | None:

@@ -31,6 +31,14 @@ class TrainingError(XRightError):
     """Training cannot go on (e.g. too many consecutive non-finite losses or gradients)."""
 
 
+def _step_mean(losses: list[Tensor], units: list[int | None]) -> Tensor:
+    """The step's mean loss from its micro-batch means: weighted by what each averages over when known."""
+    stacked = torch.stack(losses)
+    if any(u is None for u in units) or sum(units) == 0:
+        return stacked.mean()
+    return (stacked * torch.tensor(units, dtype=stacked.dtype, device=stacked.device)).sum() / sum(units)
+
+
 def _columns(dataset: Any) -> list[str]:
     """Column names of a ``datasets.Dataset`` or of the first row of a list of dicts."""
     names = getattr(dataset, "column_names", None)
@@ -46,12 +54,15 @@ class ObjectiveOutput:
         num_tokens: 0-dim count of non-padding tokens processed.
         num_examples: SFT rows or preference pairs in the batch.
         metrics: detached scalars to log (``rewards/...``, ``logps/...``).
+        units: what ``loss`` averages over on this micro-batch (SFT: scored response tokens; DPO: pairs), set
+            by the training step from the host copy of the batch; ``None`` when unknown.
     """
 
     loss: Tensor
     num_tokens: Tensor
     num_examples: int
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    units: int | None = None
 
 
 class XRightModule(pl.LightningModule):
@@ -157,10 +168,13 @@ class XRightModule(pl.LightningModule):
         self._decision: Decision | None = None
         self._pre: dict[str, ObjectiveOutput] = {}
         self._step_outputs: dict[str, list[ObjectiveOutput]] = {}
+        self._step_units: dict[str, Tensor | int] = {}
         self._device_batches: dict[str, Any] = {}
         self._rng_state: dict[str, Tensor | None] | None = None  # training RNG stream (dropout), checkpointed
         self._reference_reset = False  # the reference was replaced by a copy of the policy (stored in checkpoints)
         self.nonfinite_skips = 0
+        self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
+        self._last_weights: Mapping[str, float] = {}
         self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ model
@@ -250,6 +264,11 @@ class XRightModule(pl.LightningModule):
         self.selector.bind(self.lam, self._step_context())
         if self.hparams.get("precompute_reference_logps"):
             self.precompute_reference()
+
+    def on_train_start(self) -> None:
+        # Again, now that the training streams exist: epoch-based settings (Sequential's switch_epochs) need
+        # their steps per epoch, which are known only once Lightning has asked for the training loader.
+        self.selector.bind(self.lam, self._step_context())
 
     # ------------------------------------------------------------------ cached reference log-probs
     def precompute_reference(self) -> None:
@@ -371,6 +390,42 @@ class XRightModule(pl.LightningModule):
             out.num_tokens = item.stream.peek().num_tokens()  # counted on the host copy: no device sync
             item.stream.consume(out.num_examples)
 
+    def _step_units_for(self, batch: Mapping[str, Any]) -> dict[str, Tensor | int]:
+        """What each chosen objective's loss averages over in this whole optimizer step: the scored SFT tokens
+        and the DPO pairs of all its micro-batches on all processes.
+
+        Counted on the host copies of the upcoming micro-batches (a look-ahead in the objective's stream), so a
+        single process never synchronises with the device; with several processes the counts are summed with
+        one small all-reduce. Objectives whose batches do not come from the data module's streams are absent.
+        """
+        accumulate = self.hparams.accumulate_grad_batches
+        names = [k for k in self._decision.weights if isinstance(batch.get(k), StreamTicket)]
+        units: dict[str, Tensor | int] = {
+            k: sum(int(batch[k].stream.peek(i).loss_units()) for i in range(accumulate)) for k in names
+        }
+        if self.trainer.world_size > 1 and units:
+            local = torch.tensor([float(units[k]) for k in names], dtype=torch.float64, device=self.device)
+            total = self.trainer.strategy.reduce(local, reduce_op="sum")
+            units = {k: total[i] for i, k in enumerate(names)}
+        return units
+
+    def _loss_scale(self, batch: Mapping[str, Any], name: str, weight: float, out: ObjectiveOutput) -> Any:
+        """The factor on this micro-batch's mean loss that makes the step's gradient the gradient of the
+        objective's mean over the whole step (all micro-batches, all processes), times its weight.
+
+        SFT is a token mean: micro-batches with more response tokens weigh more, so 1 micro-batch of 8 rows and
+        8 micro-batches of 1 row give the same update whatever the lengths. Data-parallel gradients are averaged
+        over the ``W`` processes, hence the factor ``W``. Without stream counts: the mean of micro-batch means.
+        """
+        total = self._step_units.get(name)
+        item = batch[name]
+        if total is None:
+            return weight / self.hparams.accumulate_grad_batches
+        out.units = int(item.stream.peek().loss_units())
+        if isinstance(total, Tensor):
+            return out.units * weight * self.trainer.world_size / total.clamp(min=1)
+        return out.units * weight * self.trainer.world_size / max(total, 1)
+
     def _reduce(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Average losses over processes, so that every process's selector sees the same values."""
         if self.trainer.world_size > 1 and losses:
@@ -418,8 +473,9 @@ class XRightModule(pl.LightningModule):
         for i, (name, weight) in enumerate(weights.items()):
             out = self._pre.pop(name, None) or self.objective(name, self._batch(batch, name))
             sync = last_micro and i == len(weights) - 1
+            scale = self._loss_scale(batch, name, weight, out)
             with nullcontext() if sync else self._no_grad_sync():
-                self.manual_backward(out.loss * (weight / accumulate))
+                self.manual_backward(out.loss * scale)
             self._consume(batch, name, out)
             out.loss = out.loss.detach()
             self._step_outputs.setdefault(name, []).append(out)
@@ -433,29 +489,69 @@ class XRightModule(pl.LightningModule):
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         return block() if block is not None else nullcontext()
 
+    def _evaluate(self, batch: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The current-batch losses of ``names`` for the selector (MAXRIGHT's evaluation steps).
+
+        Only one graph is kept: the objective trained at the previous step (the likely choice) is evaluated with
+        its graph, kept in ``self._pre`` for the backward if it is chosen; the others run without a graph, first,
+        so their activations are gone before the graph is built. Peak memory stays that of one objective.
+        """
+        if not names:
+            return {}
+        likely = next((k for k in names if k in self._last_weights), names[0])
+        values = {}
+        with torch.no_grad():
+            for name in names:
+                if name != likely:
+                    values[name] = self.objective(name, self._batch(batch, name)).loss
+        self._pre[likely] = self.objective(likely, self._batch(batch, likely))
+        values[likely] = self._pre[likely].loss.detach()
+        return values
+
     def _begin_step(self, step: int, batch: Mapping[str, Any]) -> None:
         selector = self.selector
-        self._pre = {name: self.objective(name, self._batch(batch, name)) for name in selector.needs(step)}
-        values = self._reduce({k: o.loss.detach() for k, o in self._pre.items()})
+        self._pre = {}
+        values = self._reduce(self._evaluate(batch, tuple(selector.needs(step))))
         self._decision = selector.decide(step, values)
         for name in [k for k in self._pre if k not in self._decision.weights]:
             del self._pre[name]  # evaluated, not trained: free its graph before the chosen objective's backward
+        # A chosen objective that was evaluated without a graph runs its forward again (with one) below.
+        self.reevaluated_forwards += sum(1 for k in values if k in self._decision.weights and k not in self._pre)
+        self._last_weights = self._decision.weights
         # Every process must train the same objective(s): checked before any backward pass (one tiny all-gather).
         check_agreement(self.trainer.strategy, step, self._decision, type(selector).__name__)
         if self._decision.reset_optimizer:
             self.reset_optimizer()
         if self._decision.reset_reference:
             self.reset_reference()
+        self._step_units = self._step_units_for(batch)
         self._step_outputs = {}
+
+    def _gradient_norm(self) -> Tensor | None:
+        """The global L2 norm of the policy's gradient (all shards), or ``None`` with a gradient scaler (fp16),
+        whose gradients are still scaled here."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: reduced over the shards
 
     def _finish_step(self, step: int) -> None:
         opt = self.optimizers()
-        if not self._update_is_finite(step):
+        grad_norm = self._gradient_norm()
+        if not self._update_is_finite(step, grad_norm):
             opt.zero_grad(set_to_none=True)
             self._micro, self._step_outputs = 0, {}
             return
-        if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        clip = self.hparams.gradient_clip_val
+        if clip is not None and grad_norm is not None:  # clip with the norm just computed: one pass, not two
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+        elif clip is not None:  # fp16: Lightning unscales the gradients first
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        lr = opt.param_groups[0]["lr"]  # the rate this step used (read before the scheduler moves it)
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
@@ -465,14 +561,16 @@ class XRightModule(pl.LightningModule):
         logs: dict[str, Tensor | float] = {}
         trained: dict[str, Tensor] = {}
         for name, outs in self._step_outputs.items():
-            trained[name] = torch.stack([o.loss for o in outs]).mean()
+            trained[name] = _step_mean([o.loss for o in outs], [o.units for o in outs])
             self.steps[name] += 1
             self.tokens[name] += int(sum(int(o.num_tokens) for o in outs))
             logs[f"train/{name}_loss"] = trained[name]
             for key in outs[0].metrics:
                 logs[key] = torch.stack([o.metrics[key] for o in outs]).mean()
         self.selector.observe(step, self._decision, self._reduce(trained))
-        logs["train/lr"] = opt.param_groups[0]["lr"]
+        logs["train/lr"] = lr
+        if grad_norm is not None:
+            logs["train/grad_norm"] = grad_norm.detach()  # before clipping
         logs["train/nonfinite_skips"] = float(self.nonfinite_skips)
         for name in OBJECTIVES:
             logs[f"tokens/{name}"] = float(self.tokens[name])
@@ -482,21 +580,21 @@ class XRightModule(pl.LightningModule):
         )
         self._step_outputs = {}
         max_steps = self.trainer.max_steps
-        if max_steps is not None and max_steps > 0 and self.global_step >= max_steps:
+        final = self.selector.final_step()
+        if (max_steps is not None and max_steps > 0 and self.global_step >= max_steps) or (
+            final is not None and self.global_step >= final
+        ):
             self.trainer.should_stop = True  # validate once more at the very last step
 
-    def _update_is_finite(self, step: int) -> bool:
-        """True when this step's losses and gradient are finite; else count, log and skip it (False).
+    def _update_is_finite(self, step: int, grad_norm: Tensor | None) -> bool:
+        """True when this step's losses and gradient norm are finite; else count, log and skip it (False).
 
         The values are averaged over processes first, so every process takes the same decision. With a gradient
         scaler (fp16) only the losses are checked: the scaler itself skips steps with inf/NaN gradients.
         """
         check = {name: torch.stack([o.loss for o in outs]).mean() for name, outs in self._step_outputs.items()}
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: the local shard
-            if grads:
-                check["gradient"] = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+        if grad_norm is not None:
+            check["gradient"] = grad_norm.float()
         values = self._reduce(check)
         finite = torch.isfinite(torch.stack(list(values.values()))).tolist() if values else []
         if all(finite):
@@ -588,6 +686,8 @@ class XRightModule(pl.LightningModule):
             "rng": self._rng_state,
             "nonfinite_skips": self.nonfinite_skips,
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "reevaluated_forwards": self.reevaluated_forwards,
+            "last_weights": dict(self._last_weights),
         }
         if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
             # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
@@ -604,6 +704,8 @@ class XRightModule(pl.LightningModule):
         self._rng_state = state.get("rng", self._rng_state)
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.reevaluated_forwards = state.get("reevaluated_forwards", 0)
+        self._last_weights = dict(state.get("last_weights", {}))
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})

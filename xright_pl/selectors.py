@@ -21,6 +21,7 @@ the module (``--model.lam``), which hands it to its selector with :meth:`Selecto
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from xright_pl.errors import ConfigError
 from xright_pl.optimum import Optimum, load_optimum
 
 OBJECTIVES = ("sft", "dpo")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ class Selector(Callback):
     def observe(self, step: int, decision: Decision, losses: Mapping[str, float]) -> None:
         """Receive the pre-update loss of each objective trained at ``step``."""
 
+    def final_step(self) -> int | None:
+        """The number of optimizer steps after which the algorithm is done (the run stops there, or at the
+        Trainer's ``max_steps`` if sooner); ``None``: run to ``max_steps``."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -163,7 +170,15 @@ class Maxright(Selector):
     DPO is trained when ``lam * (f_dpo - f_dpo_star) >= (1 - lam) * (f_sft - f_sft_star)``, else SFT. The
     losses ``f`` are tracked values: every ``eval_every`` optimizer steps (and at step 0) both objectives are
     evaluated on their current batches; in between, only the objective just trained is refreshed, from its
-    own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10.
+    own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10. With gradient
+    accumulation an evaluation looks at the step's first micro-batch of each objective, and the refresh at the
+    step's token-weighted mean over all of them. At ``lam`` 0 or 1 the target is one objective, and MAXRIGHT
+    trains only that one (as ALRIGHT, Mix and Sequential do), whatever the gaps.
+
+    Memory: on an evaluation step the module evaluates the objective trained at the previous step with its
+    graph and the other one without (``no_grad``), so the peak is one graph, as on any other step. Only when
+    the decision switches to the other objective is its forward run again with a graph (counted in
+    ``summary.json`` as ``reevaluated_forwards``).
 
     The optima must use exactly the loss normalisation of training (token-mean NLL for SFT, pair-mean sigmoid
     DPO loss), e.g. the final validation losses of SFT-only and DPO-only runs from the same start: give them
@@ -250,11 +265,6 @@ class Maxright(Selector):
             m = trainer.callback_metrics
             self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in OBJECTIVES if f"val/{k}_loss" in m})
 
-    def needs(self, step: int) -> tuple[str, ...]:
-        if step % self.eval_every == 0 or len(self.values) < 2:
-            return OBJECTIVES
-        return ()
-
     def gaps(self) -> dict[str, float]:
         """Weighted gaps ``{"sft": (1-lam)(f_sft - f*), "dpo": lam (f_dpo - f*)}`` of the tracked values."""
         lam = self._lam()
@@ -264,7 +274,17 @@ class Maxright(Selector):
             "dpo": lam * (self.values["dpo"] - f_star["dpo"]),
         }
 
+    def needs(self, step: int) -> tuple[str, ...]:
+        if self._lam() in (0.0, 1.0):
+            return ()  # one objective has weight 0: nothing to compare
+        if step % self.eval_every == 0 or len(self.values) < 2:
+            return OBJECTIVES
+        return ()
+
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        lam = self._lam()
+        if lam in (0.0, 1.0):  # the target is one objective (as for ALRIGHT, Mix and Sequential at the ends)
+            return Decision({"dpo": 1.0} if lam == 1.0 else {"sft": 1.0})
         if losses:
             self.values.update({k: float(v) for k, v in losses.items()})
             self.evaluations += 1
@@ -300,6 +320,8 @@ class Sequential(Selector):
         first: objective trained first, ``sft`` or ``dpo``.
         switch_step: optimizer step at which the second stage starts.
         switch_epochs: length of the first stage in epochs of its own data (used when switch_step is None).
+        second_epochs: length of the second stage in epochs of its own data; the run ends there (or at
+            ``max_steps`` if sooner). None: the second stage runs until ``max_steps``.
         reference: DPO reference in the second stage: ``initial`` or ``stage_start``.
     """
 
@@ -311,6 +333,7 @@ class Sequential(Selector):
         switch_step: int | None = None,
         switch_epochs: float | None = None,
         reference: Literal["initial", "stage_start"] = "initial",
+        second_epochs: float | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -320,6 +343,8 @@ class Sequential(Selector):
             problems.append(f"switch_step must be an integer >= 0, got {switch_step!r}")
         if switch_epochs is not None and not (switch_epochs >= 0):
             problems.append(f"switch_epochs must be >= 0, got {switch_epochs!r}")
+        if second_epochs is not None and not (second_epochs >= 0):
+            problems.append(f"second_epochs must be >= 0, got {second_epochs!r}")
         if reference not in ("initial", "stage_start"):
             problems.append(f"reference must be 'initial' or 'stage_start', got {reference!r}")
         if problems:
@@ -328,17 +353,42 @@ class Sequential(Selector):
         self.second = "dpo" if first == "sft" else "sft"
         self.switch_step = switch_step
         self.switch_epochs = switch_epochs
+        self.second_epochs = second_epochs
         self.reference = reference
+
+    def _epochs_to_steps(self, objective: str, epochs: float, arg: str) -> int:
+        per_epoch = self.context.steps_per_epoch.get(objective)
+        if not per_epoch:
+            raise ConfigError(
+                f"Sequential({arg}=...) needs the {objective} data's steps per epoch, which the module learns from"
+                " its JointDataModule when training starts; with other data give the stage length in steps"
+                " (switch_step, and --trainer.max_steps for the end)."
+            )
+        return round(epochs * per_epoch)
+
+    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
+        super().bind(lam, context)
+        known = self.context.steps_per_epoch or (self.switch_epochs is None and self.second_epochs is None)
+        max_steps = self.context.max_steps
+        if known and max_steps is not None and max_steps > 0 and self.boundary() >= max_steps:
+            log.warning(
+                "Sequential: the %s stage lasts %d optimizer steps, and the run has max_steps=%d: the %s stage"
+                " gets no step. Shorten the first stage (switch_step / switch_epochs) or raise --trainer.max_steps.",
+                self.first, self.boundary(), max_steps, self.second,
+            )  # fmt: skip
+        return self
+
+    def final_step(self) -> int | None:
+        if self.second_epochs is None:
+            return None
+        return self.boundary() + self._epochs_to_steps(self.second, self.second_epochs, "second_epochs")
 
     def boundary(self) -> int:
         """The optimizer step at which the second objective starts."""
         if self.switch_step is not None:
             return self.switch_step
         if self.switch_epochs is not None:
-            per_epoch = self.context.steps_per_epoch.get(self.first)
-            if not per_epoch:
-                raise RuntimeError("Sequential(switch_epochs=...) needs the data's steps per epoch")
-            return round(self.switch_epochs * per_epoch)
+            return self._epochs_to_steps(self.first, self.switch_epochs, "switch_epochs")
         if self.context.max_steps is None or self.context.max_steps < 0:
             raise ConfigError(
                 "Sequential needs the stage length: set switch_step or switch_epochs, or --trainer.max_steps"
@@ -359,7 +409,9 @@ class Sequential(Selector):
         )
 
     def describe(self) -> str:
-        return f"sequential({self.first}->{self.second}, switch at step {self.boundary()})"
+        end = self.final_step()
+        until = f", end at step {end}" if end is not None else ""
+        return f"sequential({self.first}->{self.second}, switch at step {self.boundary()}{until})"
 
 
 class Mix(Selector):

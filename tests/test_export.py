@@ -25,8 +25,17 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits
 
 
-def test_cli_export_round_trip_from_checkpoint(tmp_path, capsys):
-    """fit through the CLI with a checkpoint, export it, reload with transformers: same logits."""
+def _weights_only_load(real):
+    def load(*args, **kwargs):
+        assert kwargs.get("weights_only", True) is True, "a full unpickle"
+        return real(*args, **kwargs)
+
+    return load
+
+
+def test_cli_export_round_trip_from_checkpoint(tmp_path, capsys, monkeypatch):
+    """fit through the CLI with a checkpoint, export it, reload with transformers: same logits. The export
+    builds the policy alone (no reference copy) and reads the checkpoint's tensors weights-only."""
     run(
         [
             "fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(tmp_path),
@@ -37,7 +46,14 @@ def test_cli_export_round_trip_from_checkpoint(tmp_path, capsys):
     ckpt = sorted(tmp_path.rglob("*.ckpt"))
     assert ckpt, "the demo config writes a checkpoint"
     out = tmp_path / "hf"
-    run(["export", "--checkpoint", str(ckpt[-1]), "--out_dir", str(out)])  # tokenizer from the saved config.yaml
+
+    def no_reference(_):
+        raise AssertionError("export built a reference model")
+
+    with monkeypatch.context() as m:
+        m.setattr("xright_pl.module.frozen_copy", no_reference)
+        m.setattr("torch.load", _weights_only_load(torch.load))
+        run(["export", "--checkpoint", str(ckpt[-1]), "--out_dir", str(out)])  # tokenizer from the saved config.yaml
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     from xright_pl.module import XRightModule
 

@@ -79,22 +79,9 @@ def _run_config(checkpoint: str | None, config: str | None) -> dict[str, Any]:
     return yaml.safe_load(Path(config).read_text()) or {}
 
 
-def _module_from_config(cfg: dict[str, Any]):
-    """Instantiate :class:`XRightModule` from a config's ``model`` section (the LightningCLI form)."""
-    from jsonargparse import ArgumentParser
-
-    from xright_pl.module import XRightModule
-
-    model_cfg = dict(cfg.get("model") or {})
-    model_cfg.pop("selector", None)  # not needed to export
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(XRightModule, "model", fail_untyped=False)
-    parsed = parser.parse_object({"model": model_cfg})
-    return parser.instantiate_classes(parsed).model
-
-
 def load_policy(checkpoint: str | None = None, config: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The trained policy of a Lightning checkpoint (or the initial policy of a config) and the run config."""
+    from xright_pl.generate import _load_part, build_module, load_checkpoint_state
     from xright_pl.module import XRightModule
 
     cfg = _run_config(checkpoint, config)
@@ -103,16 +90,19 @@ def load_policy(checkpoint: str | None = None, config: str | None = None) -> tup
             raise ConfigError(
                 "give --checkpoint (a Lightning .ckpt) or --run_config (a run config with a model section)"
             )
-        module = _module_from_config(cfg)
-        module.configure_model()
-    else:
-        if not Path(checkpoint).is_file():
-            raise ConfigError(
-                f"checkpoint {checkpoint!r} is not a file. Export needs a single-file checkpoint; with"
-                " ModelParallelStrategy set save_distributed_checkpoint: false (configs/fsdp.yaml does)."
-            )
-        # Our own checkpoint (it holds the hyperparameters, e.g. LoraSettings): a full unpickle is needed.
-        module = XRightModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+        return build_module(cfg, with_reference=False).policy, cfg
+    if not Path(checkpoint).is_file():
+        raise ConfigError(
+            f"checkpoint {checkpoint!r} is not a file. Export needs a single-file checkpoint; with"
+            " ModelParallelStrategy set save_distributed_checkpoint: false (configs/fsdp.yaml does)."
+        )
+    if cfg.get("model"):
+        # The policy alone (no reference copy: half the memory of an 8B export), from weights-only tensors.
+        module = build_module(cfg, with_reference=False)
+        _load_part(module.policy, load_checkpoint_state(checkpoint), "policy.", checkpoint)
+        return module.policy, cfg
+    # No run config: the checkpoint's own hyperparameters (e.g. LoraSettings) need a full unpickle of our file.
+    module = XRightModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     return module.policy, cfg
 
 

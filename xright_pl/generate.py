@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,10 +313,10 @@ def _read_run_config(path: str) -> dict:
     return cfg
 
 
-def build_module(run_config: dict, reference: str | None = "unchanged"):
+def build_module(run_config: dict, reference: str | None = "unchanged", with_reference: bool = True):
     """An :class:`~xright_pl.module.XRightModule` from a run config's ``model`` section, with ``configure_model``
     done. Training-only settings (selector, optimizer, scheduler) are left out. ``reference`` replaces the
-    config's reference source when not ``"unchanged"``."""
+    config's reference source when not ``"unchanged"``; ``with_reference=False`` builds the policy alone."""
     from jsonargparse import ArgumentParser
 
     import xright_pl.module as module_lib
@@ -334,7 +333,7 @@ def build_module(run_config: dict, reference: str | None = "unchanged"):
         module = instantiate(ns).model
     except Exception as e:  # noqa: BLE001 - jsonargparse errors become one clear message
         raise ModelError(f"the run config's model section could not be read: {e}") from None
-    module.configure_model()
+    module.configure_model(with_reference=with_reference)
     return module
 
 
@@ -378,22 +377,6 @@ def _load_part(target: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
         )
 
 
-@contextmanager
-def _no_reference_copy():
-    """While building a module only for its policy, skip the frozen copy of the policy (memory) as reference."""
-    import xright_pl.module as module_lib
-
-    real = getattr(module_lib, "frozen_copy", None)
-    if real is None:  # the module builds its reference some other way: let it
-        yield
-        return
-    module_lib.frozen_copy = lambda m: None
-    try:
-        yield
-    finally:
-        module_lib.frozen_copy = real
-
-
 def load_generator(
     model: str,
     config: str | None = None,
@@ -433,8 +416,7 @@ def load_generator(
                 _load_part(module.policy, state, "policy.", path)
                 net = module.policy.unload()
         else:
-            with _no_reference_copy():
-                module = build_module(run_config, reference=None)
+            module = build_module(run_config, with_reference=False)
             _load_part(module.policy, state, "policy.", path)
             net = module.policy
             if hasattr(net, "merge_and_unload"):  # LoRA: fold the adapters in, generate with a plain model

@@ -178,12 +178,13 @@ class XRightModule(pl.LightningModule):
         self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ model
-    def configure_model(self) -> None:
+    def configure_model(self, with_reference: bool = True) -> None:
         """Build the policy (with LoRA adapters if set) and the frozen reference (once).
 
         With LoRA and no ``reference`` path there is no reference module: the policy with its adapters disabled
         is the reference. Under ``ModelParallelStrategy`` (``self.device_mesh`` set) policy and reference are
         sharded with FSDP2 ``fully_shard``, each transformer block its own unit, in separate units.
+        ``with_reference=False`` builds the policy alone (to generate or export from it; not for training).
         """
         if self.policy is not None:
             return
@@ -193,7 +194,9 @@ class XRightModule(pl.LightningModule):
         )
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        if hp.reference is not None:
+        if not with_reference:
+            pass
+        elif hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
             )

@@ -157,6 +157,53 @@ def test_logged_learning_rate_is_the_one_the_step_used(tmp_path):
     assert math.isfinite(float(t.callback_metrics["train/grad_norm"]))
 
 
+class MemoryLogger(pl.loggers.Logger):
+    """Keeps what is written to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_loggers_get_each_objective_only_from_the_steps_that_trained_it(tmp_path, every):
+    """No stale values: train/dpo_loss is written only for windows with a DPO step, as the mean over them."""
+    steps = 12
+    sel = RecAlright(seed=3)
+    module = tiny_module(sel)
+    per_step = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            m = trainer.callback_metrics
+            per_step.append({k: float(m[k]) for k in ("train/sft_loss", "train/dpo_loss", "steps/sft") if k in m})
+
+    logger = MemoryLogger()
+    t = trainer(tmp_path, steps, callbacks=[Spy()], logger=logger, log_every_n_steps=every)
+    t.fit(module, datamodule=demo_data())
+    branches = [b for _, b, _ in sel.decisions]
+    assert set(branches) == {"sft", "dpo"}
+    train_rows = [(step, m) for step, m in logger.rows if "steps/sft" in m]
+    assert [step for step, _ in train_rows] == list(range(every - 1, steps, every))
+    for step, metrics in train_rows:
+        window = range(step + 1 - every, step + 1)
+        for name in ("sft", "dpo"):
+            trained = [per_step[i][f"train/{name}_loss"] for i in window if branches[i] == name]
+            if trained:
+                assert metrics[f"train/{name}_loss"] == pytest.approx(sum(trained) / len(trained), rel=1e-6)
+            else:
+                assert f"train/{name}_loss" not in metrics
+        assert metrics["steps/sft"] == per_step[step]["steps/sft"]  # counters: the latest value
+
+
 def test_sequential_switches_and_recreates_optimizer(tmp_path):
     switch = 4
     seen = {}

@@ -33,6 +33,37 @@ log = logging.getLogger(__name__)
 GAP_KEYS = ("val/sft_gap", "val/dpo_gap", "val/ideal_distance")
 
 
+class StepLogWindow:
+    """Training values of the optimizer steps since the last write to the loggers.
+
+    A joint run trains one objective per step, so a per-objective value (``train/sft_loss``, ``rewards/...``)
+    exists only on some steps. Lightning's step logging would write the last value again at every logging step
+    (a flat, stale line); this window writes, at each logging step, the mean of each value over the steps that
+    produced it since the last write, and nothing for a value no step produced. Counters and the learning rate
+    (keys starting with one of :attr:`LAST`) are written as their latest value.
+    """
+
+    LAST = ("steps/", "tokens/", "train/lr", "train/nonfinite_skips")
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[Tensor | float]] = {}
+
+    def add(self, logs: dict[str, Tensor | float]) -> None:
+        for key, value in logs.items():
+            self.values.setdefault(key, []).append(value.detach() if isinstance(value, Tensor) else value)
+
+    def flush(self) -> dict[str, float]:
+        """The window's values (means, or latest values for :attr:`LAST` keys), then an empty window."""
+        out = {}
+        for key, seq in self.values.items():
+            if key.startswith(self.LAST):
+                out[key] = float(seq[-1])
+            else:
+                out[key] = float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in seq]).mean())
+        self.values = {}
+        return out
+
+
 def tradeoff_gaps(f_sft: float, f_dpo: float, f_sft_star: float, f_dpo_star: float) -> dict[str, float]:
     """``{"sft_gap", "dpo_gap", "ideal_distance"}`` of the point ``(f_sft, f_dpo)`` (pure function)."""
     sft_gap = float(f_sft) - float(f_sft_star)

@@ -20,6 +20,7 @@ from xright_pl.distributed import check_agreement, fully_shard_model
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
 from xright_pl.losses import dpo_loss, dpo_metrics, sequence_logps, sft_loss
+from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
 from xright_pl.selectors import OBJECTIVES, Decision, Selector, Sequential, StepContext, check_lam
 from xright_pl.types import PreferenceBatch, SFTBatch
@@ -169,6 +170,7 @@ class XRightModule(pl.LightningModule):
         self._pre: dict[str, ObjectiveOutput] = {}
         self._step_outputs: dict[str, list[ObjectiveOutput]] = {}
         self._step_units: dict[str, Tensor | int] = {}
+        self._log_window = StepLogWindow()
         self._device_batches: dict[str, Any] = {}
         self._rng_state: dict[str, Tensor | None] | None = None  # training RNG stream (dropout), checkpointed
         self._reference_reset = False  # the reference was replaced by a copy of the policy (stored in checkpoints)
@@ -577,10 +579,6 @@ class XRightModule(pl.LightningModule):
         logs["train/nonfinite_skips"] = float(self.nonfinite_skips)
         for name in OBJECTIVES:
             logs[f"tokens/{name}"] = float(self.tokens[name])
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
-        self.log_dict(
-            {f"steps/{k}": float(v) for k, v in self.steps.items()}, on_step=True, prog_bar=True, batch_size=1
-        )
         self._step_outputs = {}
         max_steps = self.trainer.max_steps
         final = self.selector.final_step()
@@ -588,6 +586,20 @@ class XRightModule(pl.LightningModule):
             final is not None and self.global_step >= final
         ):
             self.trainer.should_stop = True  # validate once more at the very last step
+        self._log_step(logs)
+
+    def _log_step(self, logs: dict[str, Tensor | float]) -> None:
+        """Callback metrics and the progress bar every step; the loggers every ``log_every_n_steps`` optimizer
+        steps, with each value averaged over the steps that produced it (see :class:`StepLogWindow`)."""
+        steps = {f"steps/{k}": float(v) for k, v in self.steps.items()}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        self.log_dict(steps, on_step=True, on_epoch=False, prog_bar=True, batch_size=1, logger=False)
+        self._log_window.add({**logs, **steps})
+        every = max(1, self.trainer.log_every_n_steps)
+        if self.loggers and (self.global_step % every == 0 or self.trainer.should_stop):
+            values = self._log_window.flush()
+            for logger in self.loggers:  # the step index Lightning uses for validation logs: 0-based
+                logger.log_metrics(values, step=self.global_step - 1)
 
     def _update_is_finite(self, step: int, grad_norm: Tensor | None) -> bool:
         """True when this step's losses and gradient norm are finite; else count, log and skip it (False).

@@ -106,7 +106,20 @@ def test_gaps_trajectory_and_summary_in_a_run(tmp_path):
     images = events.Images("tradeoff/trajectory")
     assert [im.step for im in images] == [2, 4]
     scalars = {s.step: s.value for s in events.Scalars("val/ideal_distance")}
-    assert scalars[4] == pytest.approx(metrics.last["val/ideal_distance"], abs=1e-6)
+    # At the step index of Lightning's own validation scalars (0-based: the 4th optimizer step is step 3).
+    assert {s.step for s in events.Scalars("val/sft_loss")} == {1, 3} == set(scalars)
+    assert scalars[3] == pytest.approx(metrics.last["val/ideal_distance"], abs=1e-6)
+
+
+def test_beating_f_star_is_warned_once(tmp_path, caplog):
+    """Validation losses below the given f* (f* too high for this budget): one warning per objective."""
+    metrics = TradeoffMetrics(f_sft_star=100.0, f_dpo_star=100.0)
+    t = trainer(tmp_path, 4, callbacks=[metrics], val_check_interval=2)
+    with caplog.at_level("WARNING", logger="xright_pl.metrics"):
+        t.fit(tiny_module(Alright(seed=0)), datamodule=demo_data(limit=64))
+    assert metrics.last["val/sft_gap"] < 0 and metrics.last["val/dpo_gap"] < 0
+    warned = [r.getMessage() for r in caplog.records if "is not the optimum" in r.getMessage()]
+    assert len(warned) == 2 and "val/sft_loss" in warned[0] and "val/dpo_loss" in warned[1]
 
 
 def test_start_point_uses_the_validation_normalisation(tmp_path):

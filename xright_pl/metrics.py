@@ -170,6 +170,7 @@ class TradeoffMetrics(Callback):
             self._own = Optimum(float(f_sft_star), float(f_dpo_star))
         self.optimum: Optimum | None = self._own
         self.last: dict[str, float] = {}
+        self._beaten: set[str] = set()  # objectives whose f* a validation went below (warned once)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.optimum = self._own
@@ -195,9 +196,19 @@ class TradeoffMetrics(Callback):
         values = {f"val/{k}": v for k, v in gap.compute().items()}
         self.last = {k: float(v) for k, v in values.items()}
         trainer.callback_metrics.update(values)
+        for name in ("sft", "dpo"):
+            if self.last[f"val/{name}_gap"] < 0 and name not in self._beaten:
+                self._beaten.add(name)
+                log.warning(
+                    "val/%s_loss %.4g is below f_%s* = %.4g (%s): f* is not the optimum for this data and budget, and"
+                    " val/ideal_distance now also grows the further the run gets below it. Re-estimate f* (longer"
+                    " single-objective runs, or the lowest value any run reached) before comparing distances.",
+                    name, float(metrics[f"val/{name}_loss"]), name, getattr(self.optimum, f"f_{name}"),
+                    self.optimum.source,
+                )  # fmt: skip
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(self.last, step=trainer.global_step)
+            for logger in trainer.loggers:  # the step index of Lightning's own validation logs
+                logger.log_metrics(self.last, step=max(trainer.global_step - 1, 0))
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the optima used and where they came from."""

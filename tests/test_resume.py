@@ -88,7 +88,7 @@ def _args(method: str, root: Path) -> list[str]:
         "0.1",  # dropout draws: the training RNG stream must be restored too
         "--summary.print_table",
         "false",
-        *METHODS[method],
+        *METHODS.get(method, []),
     ]
 
 
@@ -354,3 +354,67 @@ def test_nan_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(TrainingError, match="Refusing to write a checkpoint"):
         t.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 2
+
+
+# ------------------------------------------------------------------------------ resuming with other settings
+def _fit_args(method, root, steps, *extra):
+    args = _args(method, root)
+    args[args.index("--trainer.max_steps") + 1] = str(steps)
+    return [*args, *extra]
+
+
+def test_changed_model_setting_on_resume_is_used_and_warned_for_both_path_forms(tmp_path, caplog):
+    """LightningCLI would silently take the checkpoint's model settings for a file path and the command line's
+    for ``last``: both forms now use the command line's and warn about each difference."""
+    root = tmp_path / "run"
+    run(_fit_args("alright", root, 10))
+    for steps, (ckpt, old, new) in enumerate([(str(root / "checkpoints" / "last.ckpt"), 0.5, 0.9), ("last", 0.9, 0.7)]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="xright_pl.module"):
+            run(_fit_args("alright", root, 12 + 2 * steps, "--model.lam", str(new), "--ckpt_path", ckpt))
+        assert _summary(root)["lam"] == new
+        assert f"resuming with model.lam = {new}; the checkpoint was trained with {old}" in caplog.text
+
+
+def test_changed_batch_size_on_resume_continues_at_the_same_example(tmp_path, caplog):
+    root = tmp_path / "run"
+    run(_fit_args("sft_only", root, 6))  # 6 steps x 4 rows: 24 examples
+    with caplog.at_level("WARNING", logger="xright_pl.data.streams"):
+        run(_fit_args("sft_only", root, 9, "--data.batching.sft_batch_size", "8", "--ckpt_path", "last"))
+    assert "sft batch size changed from 4 to 8 on resume: continuing at example 24" in caplog.text
+    assert _summary(root)["examples/sft"] == 24 + 3 * 8
+    # Rows 24-47 of epoch 0 (3 batches of 8) were trained after the resume: the epoch of 48 rows is complete.
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["JointDataModule"]["streams"]["sft"]
+    assert (state["epoch"], state["position"], state["batch_size"]) == (1, 0, 8)
+
+
+def test_other_data_on_resume_is_refused(tmp_path, capsys):
+    from xright_pl.cli import main
+
+    root = tmp_path / "run"
+    run(_fit_args("sft_only", root, 4))
+    with pytest.raises(SystemExit) as e:
+        main(_fit_args("sft_only", root, 6, "--data.sft.limit", "40", "--ckpt_path", "last"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint was written with 48 training rows, this run has 40" in err and "Traceback" not in err
+
+
+def test_sequential_switch_is_kept_when_resuming_with_more_steps(tmp_path):
+    """A run of 20 steps switches at step 10 (lam 0.5); resumed at 20 with max_steps 40, the second stage goes on:
+    no return to the first objective, no second switch (optimizer reset)."""
+    root = tmp_path / "run"
+    run(_fit_args("sequential", root, 20))
+    assert (_summary(root)["steps/sft"], _summary(root)["steps/dpo"]) == (10, 10)
+    run(_fit_args("sequential", root, 30, "--ckpt_path", "last"))
+    assert (_summary(root)["steps/sft"], _summary(root)["steps/dpo"]) == (10, 20)
+
+
+def test_reloaded_training_loaders_continue_the_streams(tmp_path):
+    """--trainer.reload_dataloaders_every_n_epochs rebuilds the loaders: the streams keep their positions."""
+    root = tmp_path / "run"
+    run(_fit_args("sft_only", root, 30, "--trainer.reload_dataloaders_every_n_epochs", "1"))
+    assert _summary(root)["examples/sft"] == 30 * 4
+    plain = tmp_path / "plain"
+    run(_fit_args("sft_only", plain, 30))
+    assert _summary(root)["weights_sha256"] == _summary(plain)["weights_sha256"]

@@ -164,7 +164,6 @@ class XRightCheckpoint(ModelCheckpoint):
         save_top_k: step checkpoints kept besides ``last.ckpt`` (0: only ``last.ckpt``; -1: all).
         monitor: metric ranking the kept step checkpoints (None: the most recent ones).
         mode: ``min`` or ``max`` for ``monitor``.
-        save_on_train_epoch_end: also save at the end of every training epoch.
         train_time_interval: not supported with manual optimization (use every_n_train_steps).
         verbose: log every save.
     """
@@ -178,7 +177,6 @@ class XRightCheckpoint(ModelCheckpoint):
         save_top_k: int = 0,
         monitor: str | None = None,
         mode: str = "min",
-        save_on_train_epoch_end: bool | None = False,
         train_time_interval: timedelta | None = None,
         verbose: bool = False,
     ) -> None:
@@ -203,7 +201,7 @@ class XRightCheckpoint(ModelCheckpoint):
             mode=mode,
             auto_insert_metric_name=False,
             every_n_train_steps=every_n_train_steps,
-            save_on_train_epoch_end=save_on_train_epoch_end,
+            save_on_train_epoch_end=False,  # the data are endless streams: an epoch is no save point here
         )
         self._explicit_dirpath = dirpath is not None
 
@@ -239,6 +237,11 @@ class XRightCheckpoint(ModelCheckpoint):
             return
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, "_micro", 0) != 0:
+            return  # validation inside gradient accumulation: a deferred save waits for the step's end
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the final state too (``--ckpt_path last`` with a larger ``max_steps`` trains on)."""

@@ -44,6 +44,11 @@ class XRightCLI(LightningCLI):
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line's model settings when resuming. (LightningCLI would replace them with the
+        checkpoint's, but only for a ``--ckpt_path`` that is a file, not for ``last``; the module instead warns
+        about every setting that differs from the checkpoint's, whichever form the path takes.)"""
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}

@@ -40,6 +40,13 @@ def _step_mean(losses: list[Tensor], units: list[int | None]) -> Tensor:
     return (stacked * torch.tensor(units, dtype=stacked.dtype, device=stacked.device)).sum() / sum(units)
 
 
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain equality (tensors, ...)
+        return repr(a) == repr(b)
+
+
 def _columns(dataset: Any) -> list[str]:
     """Column names of a ``datasets.Dataset`` or of the first row of a list of dicts."""
     names = getattr(dataset, "column_names", None)
@@ -711,6 +718,14 @@ class XRightModule(pl.LightningModule):
                 del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters") or {}
+        changed = [k for k in self.hparams if k in saved and not _same(saved[k], self.hparams[k])]
+        for key in changed:
+            log.warning(
+                "resuming with model.%s = %r; the checkpoint was trained with %r. The run continues with the new"
+                " value, so it is no longer the run the checkpoint started.",
+                key, self.hparams[key], saved[key],
+            )  # fmt: skip
         state = checkpoint.get("xright_pl", {})
         self.steps = dict(state.get("steps", self.steps))
         self.tokens = dict(state.get("tokens", self.tokens))

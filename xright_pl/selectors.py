@@ -355,6 +355,8 @@ class Sequential(Selector):
         self.switch_epochs = switch_epochs
         self.second_epochs = second_epochs
         self.reference = reference
+        self.switched_at: int | None = None  # the step the second stage started (kept across resumes)
+        self._saved_boundary: int | None = None  # the switch step planned when the checkpoint was written
 
     def _epochs_to_steps(self, objective: str, epochs: float, arg: str) -> int:
         per_epoch = self.context.steps_per_epoch.get(objective)
@@ -369,6 +371,12 @@ class Sequential(Selector):
     def bind(self, lam: float, context: StepContext | None = None) -> Selector:
         super().bind(lam, context)
         known = self.context.steps_per_epoch or (self.switch_epochs is None and self.second_epochs is None)
+        if known and self.switched_at is None and self._saved_boundary not in (None, self.boundary()):
+            log.warning(
+                "Sequential: the switch to %s moves from step %d (when the checkpoint was written) to step %d"
+                " (from the resumed run's settings: max_steps, lam or the stage lengths).",
+                self.second, self._saved_boundary, self.boundary(),
+            )  # fmt: skip
         max_steps = self.context.max_steps
         if known and max_steps is not None and max_steps > 0 and self.boundary() >= max_steps:
             log.warning(
@@ -384,7 +392,10 @@ class Sequential(Selector):
         return self.boundary() + self._epochs_to_steps(self.second, self.second_epochs, "second_epochs")
 
     def boundary(self) -> int:
-        """The optimizer step at which the second objective starts."""
+        """The optimizer step at which the second objective starts (once it started, that step: a resumed run
+        with a larger ``max_steps`` does not move a switch that already happened)."""
+        if self.switched_at is not None:
+            return self.switched_at
         if self.switch_step is not None:
             return self.switch_step
         if self.switch_epochs is not None:
@@ -401,12 +412,26 @@ class Sequential(Selector):
         b = self.boundary()
         if step < b:
             return Decision({self.first: 1.0})
+        if self.switched_at is None:
+            self.switched_at = b
         switch = step == b and b > 0
         return Decision(
             {self.second: 1.0},
             reset_optimizer=switch,
             reset_reference=switch and self.reference == "stage_start" and self.second == "dpo",
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        planned = None
+        try:
+            planned = self.boundary()
+        except ConfigError:  # the steps per epoch are not known yet
+            pass
+        return {"switched_at": self.switched_at, "boundary": planned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.switched_at = state_dict.get("switched_at")
+        self._saved_boundary = state_dict.get("boundary")
 
     def describe(self) -> str:
         end = self.final_step()

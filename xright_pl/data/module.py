@@ -150,6 +150,10 @@ class JointDataModule(pl.LightningDataModule):
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
+        # Rebuilt (e.g. reload_dataloaders_every_n_epochs): each stream continues where it is; on a resume,
+        # where the checkpoint says (once).
+        saved = {**self._stream_state, **{k: s.state() for k, s in self.streams.items()}}
+        self._stream_state = {}
         self.streams = {}
         for name, ds in self.train_sets.items():
             stream = BatchStream(
@@ -164,8 +168,8 @@ class JointDataModule(pl.LightningDataModule):
                 num_workers=self.batching.num_workers,
                 order_fn=self._length_order(name, ds, world) if self.batching.group_by_length else None,
             )
-            if name in self._stream_state:
-                stream.restore(self._stream_state[name])
+            if name in saved:
+                stream.restore(saved[name])
             self.streams[name] = stream
         return CombinedLoader({k: TicketIterable(s) for k, s in self.streams.items()}, mode="max_size_cycle")
 

@@ -16,12 +16,17 @@ batch; epochs whose length is not a multiple of the world size are padded by wra
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from xright_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def row_lengths(dataset: Any, columns: Sequence[str]) -> list[int]:
@@ -245,16 +250,38 @@ class BatchStream:
             "consumed_examples": self.consumed_examples,
             "seed": self.seed,
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "rows": len(self.dataset),
         }
 
     def restore(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (from :meth:`state`). The data must be the same rows; a different batch size
+        continues at the same example (rounded down to a whole batch: at most one batch is seen again)."""
         if state.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume the {self.name} data position: the checkpoint was written with"
-                f" {state['world_size']} processes, this run has {self.world_size}"
+                f" {state['world_size']} processes, this run has {self.world_size}. Resume with the same"
+                " --trainer.devices and --trainer.num_nodes."
             )
+        rows = state.get("rows", len(self.dataset))
+        if rows != len(self.dataset):
+            raise ConfigError(
+                f"cannot resume the {self.name} data position: the checkpoint was written with {rows} training rows,"
+                f" this run has {len(self.dataset)}. Resume with the same data file, limit, max_length and"
+                " val_fraction, or start a new run from the exported weights."
+            )
+        position = state["position"]
+        old_batch = state.get("batch_size", self.batch_size)
+        if old_batch != self.batch_size:
+            examples = position * old_batch * self.world_size
+            position = examples // (self.batch_size * self.world_size)
+            log.warning(
+                "%s batch size changed from %d to %d on resume: continuing at example %d of epoch %d (batch %d).",
+                self.name, old_batch, self.batch_size, position * self.batch_size * self.world_size,
+                state["epoch"], position,
+            )  # fmt: skip
         self.epoch = state["epoch"]
-        self.position = state["position"]
+        self.position = position
         self.consumed_batches = state["consumed_batches"]
         self.consumed_examples = state["consumed_examples"]
         self.seed = state.get("seed", self.seed)

@@ -60,7 +60,7 @@ def test_alpaca_sample_tokenizes(shared_data, tiny_tokenizer):
     )
     assert out.val is None and out.skipped == {"empty_response": 0}
     assert len(out.train) == 40
-    assert set(out.train.column_names) == {"input_ids", "labels", "num_response_tokens"}
+    assert set(out.train.column_names) == {"input_ids", "labels", "num_response_tokens", "source_row"}
     seen_input = seen_no_input = False
     for row, ex in zip(raw, out.train):
         prompt, response = split_decode(tiny_tokenizer, ex["input_ids"], ex["labels"])

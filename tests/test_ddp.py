@@ -96,7 +96,7 @@ def worker(kind: str, out_dir: str) -> None:
             checksum=_checksum(module.policy),
             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
             steps=module.steps,
-            keys=sorted(trainer.logged_metrics),
+            keys=sorted(trainer.callback_metrics),
             consumed=trainer.datamodule.consumed_examples(),
             global_step=trainer.global_step,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,21 @@ def _prompt_part(ids: list[int], labels: list[int]) -> list[int]:
     return list(ids[:n])
 
 
+def test_run_template_is_used_only_for_rows_it_fits(tmp_path):
+    """A run's SFT template with {instruction}/{input} (the demo's) fills alpaca rows; prompt-only rows are used as
+    they are. A template the user gives must fit, or it is an error."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "what is 2 plus 2 ?"}) + "\n" + json.dumps({"instruction": "add 1 and 2"}) + "\n"
+    )
+    template = "Human: {instruction} {input} Assistant:"
+    items = read_prompts(str(path), "prompt", template, strict_template=False)
+    assert items[0].prompt == "what is 2 plus 2 ?"
+    assert items[1].prompt == "Human: add 1 and 2  Assistant:"
+    with pytest.raises(DataError, match="cannot be filled"):
+        read_prompts(str(path), "prompt", template)
+
+
 def test_prompt_tokens_equal_training_prompts(tmp_path, demo_tok):
     """The prompt fed to generation is token for token the prompt part of a training sequence (template,
     BOS, chat template, left truncation keeping BOS)."""
@@ -205,6 +221,19 @@ def test_resume_skips_answered_prompts(tmp_path, exported, prompts_file):
     assert resumed == expected
     # Everything answered: nothing to do.
     assert generate(exported, prompts_file, str(part), max_new_tokens=5, progress=False)["generated"] == 0
+    # Other generation settings, or other weights behind the same path, would mix answers in one file: refused.
+    with pytest.raises(DataError, match="max_new_tokens: 5 then, 9 now"):
+        generate(exported, prompts_file, str(part), max_new_tokens=9, progress=False)
+    with pytest.raises(DataError, match="do_sample"):
+        generate(exported, prompts_file, str(part), max_new_tokens=5, do_sample=True, progress=False)
+    weights = next(Path(exported).glob("*.safetensors"))
+    times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+    os.utime(weights, ns=(times[0], times[1] + 10**9))
+    try:
+        with pytest.raises(DataError, match="weights"):
+            generate(exported, prompts_file, str(part), max_new_tokens=5, progress=False)
+    finally:
+        os.utime(weights, ns=times)
 
     # A file written for other prompts, or by another generator, is refused; --overwrite starts afresh.
     other = tmp_path / "other.json"

@@ -235,3 +235,25 @@ def test_callback_held_out_prompts_and_chosen(setup, demo_tok):
     assert all(seq[0] == demo_tok.bos_token_id for seq in ids)
     with pytest.raises(Exception, match="baseline"):
         WinRateCallback(setup.rm, baseline="nope")
+
+
+def test_callback_texts_come_from_the_held_out_source_rows(setup, demo_tok):
+    """With a seeded val_fraction split the held-out rows are scattered over the training file: the judge's texts
+    are those rows' own prompt and whole chosen answer (found by source_row), matching the generation tokens."""
+    from xright_pl import Batching, JointDataModule, PreferenceData, SFTData
+
+    path = "builtin:demo/pref_train.jsonl"
+    dm = JointDataModule(
+        sft=SFTData(path="builtin:demo/sft_train.jsonl", limit=32, max_length=64),
+        preference=PreferenceData(path=path, val_fraction=0.25, limit=40, max_length=64),
+        batching=Batching(eval_batch_size=8),
+    )
+    dm.load()
+    rows = dm.val_sets["dpo"]["source_row"]
+    assert len(rows) == 10 and rows != list(range(10))  # a scattered, seeded selection
+    cb = WinRateCallback(setup.rm, num_prompts=6, baseline="chosen")
+    ids, texts, chosen = cb.held_out(SimpleNamespace(datamodule=dm))
+    items = read_prompts(path, limit=40)
+    assert texts == [items[r].instruction for r in rows[:6]]
+    assert chosen == [items[r].reference for r in rows[:6]]
+    assert [demo_tok.decode(seq, skip_special_tokens=True).strip() for seq in ids] == [t.strip() for t in texts]

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from xright_pl.data.sources import SOURCE_ROW_COLUMN
 from xright_pl.errors import ConfigError
 from xright_pl.generate import PromptEncoder, eos_token_ids, generate_batch, read_prompts
 from xright_pl.judge import RewardScorer, win_rate
@@ -31,6 +32,18 @@ METRIC_KEYS = (
     "eval/policy_reward",
     "eval/baseline_reward",
 )
+
+
+def _source_items(cfg: Any, source_rows: list[int]) -> list[Any]:
+    """The prompt items (instruction text, chosen / reference answer) of rows ``source_rows`` of the held-out
+    source of an ``SFTData``/``PreferenceData`` config: its eval file or split, else the training source that
+    ``val_fraction`` split (row numbers count after ``limit``, as the tokenized sets' ``source_row``)."""
+    held_out = cfg.eval_path is not None or cfg.eval_split is not None
+    path = cfg.eval_path if cfg.eval_path is not None else cfg.path
+    split = (cfg.eval_split if cfg.eval_split is not None else cfg.split) if held_out else cfg.split
+    template = getattr(cfg, "prompt_template", None)
+    items = read_prompts(path, cfg.format, template, max(source_rows) + 1 if source_rows else 0, split)
+    return [items[i] for i in source_rows]
 
 
 class WinRateCallback(Callback):
@@ -140,13 +153,15 @@ class WinRateCallback(Callback):
                 )
             ds = val[name]
             col = "chosen_" if name == "dpo" else ""
+            rows = ds.select(range(min(self.num_prompts, len(ds))))
+            source = _source_items(dm.preference if name == "dpo" else dm.sft, rows[SOURCE_ROW_COLUMN])
             ids, texts, chosen = [], [], []
-            for row in ds.select(range(min(self.num_prompts, len(ds)))):
+            for row, item in zip(rows, source):
                 seq, labels = list(row[f"{col}input_ids"]), list(row[f"{col}labels"])
                 n = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-                ids.append(seq[:n])
-                texts.append(tok.decode(seq[:n], skip_special_tokens=True).strip())
-                chosen.append(tok.decode(seq[n:], skip_special_tokens=True).strip())
+                ids.append(seq[:n])  # exactly the training prompt's tokens
+                texts.append(item.instruction)  # what the reward model reads: the source's text, whole
+                chosen.append(item.reference)
             self._items = (ids, texts, chosen)
         if self.baseline == "chosen" and any(c is None for c in self._items[2]):
             raise ConfigError(f"baseline='chosen' needs answers in the prompts file {self.prompts}; it has none.")

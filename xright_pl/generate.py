@@ -20,6 +20,7 @@ file resumes after the last answered prompt (answers are matched to prompts by p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from xright_pl.assets import resolve
 from xright_pl.data.sources import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
@@ -43,6 +45,7 @@ from xright_pl.data.sources import (
 )
 from xright_pl.models import _DTYPES, ModelError
 
+log = logging.getLogger(__name__)
 PROMPT_FORMATS = ("auto", *SFT_FORMATS[1:], *PREFERENCE_FORMATS[1:], "prompt")
 
 
@@ -80,9 +83,25 @@ def messages_to_instruction(messages: list[dict]) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
 
 
-def _prompt_only(row: dict, name: str, i: int, template: str | None) -> tuple[str, str | list, str | None]:
+def _fitting_template(template: str | None, kind: str, strict: bool) -> str | None:
+    """``template`` if its placeholders fit rows of ``kind`` (``alpaca``: ``{instruction}``/``{input}``;
+    ``prompt``: ``{prompt}``), else (not ``strict``: a template taken from the run's config) None."""
+    if template is None or strict:
+        return template
+    fits = "{prompt}" in template if kind == "prompt" else "{prompt}" not in template
+    if not fits:
+        log.info(
+            "the run's SFT prompt_template %r does not fit %s rows: their prompts are used as they are", template, kind
+        )
+    return template if fits else None
+
+
+def _prompt_only(
+    row: dict, name: str, i: int, template: str | None, strict: bool = True
+) -> tuple[str, str | list, str | None]:
     """(instruction, prompt, answer if the row has one) of a prompt row."""
     if isinstance(row.get("instruction"), str):
+        template = _fitting_template(template, "alpaca", strict)
         inp = row.get("input") or ""
         if not isinstance(inp, str):
             raise DataError(f"{name}: row {i}: field 'input' must be a string, got {type(inp).__name__}.")
@@ -91,6 +110,7 @@ def _prompt_only(row: dict, name: str, i: int, template: str | None) -> tuple[st
         return (row["instruction"] + (f"\n\n{inp}" if inp.strip() else "")), prompt, answer
     if isinstance(row.get("prompt"), str):
         p = row["prompt"]
+        template = _fitting_template(template, "prompt", strict)
         prompt = format_sft_row({"prompt": p, "completion": ""}, "prompt_completion", template)[0]
         answer = row.get("completion") if isinstance(row.get("completion"), str) else None
         return p, prompt, answer
@@ -115,6 +135,7 @@ def read_prompts(
     prompt_template: str | None = None,
     limit: int | None = None,
     split: str | None = None,
+    strict_template: bool = True,
 ) -> list[PromptItem]:
     """Read the prompts (and the data set's answers, when there are any) of a prompts file.
 
@@ -126,6 +147,8 @@ def read_prompts(
             None: the standard Alpaca template for alpaca rows, the prompt as-is otherwise.
         limit: read only the first N rows.
         split: split of a hub dataset (default ``train``).
+        strict_template: a template whose placeholders do not fit the rows is an error (False: prompt-only rows
+            it does not fit are used as they are; for a template taken from the run's config).
     """
     if format not in PROMPT_FORMATS:
         raise DataError(f"{path}: unknown format {format!r}. Valid formats: {', '.join(PROMPT_FORMATS)}.")
@@ -149,7 +172,7 @@ def read_prompts(
     for i, row in enumerate(rows):
         reference: Any = None
         if fmt == "prompt":
-            instruction, prompt, reference = _prompt_only(row, raw.name, i, prompt_template)
+            instruction, prompt, reference = _prompt_only(row, raw.name, i, prompt_template, strict_template)
         elif fmt in PREFERENCE_FORMATS:
             parts = format_preference_row(row, fmt)
             if parts is None:
@@ -504,6 +527,37 @@ def _check_resume(done: list[dict], items: list[PromptItem], generator: str, out
             )
 
 
+def model_version(model: str) -> dict[str, Any]:
+    """Cheap identity of the weights behind ``model`` (a .ckpt or an exported folder): size and modification
+    time of its weight files, so a resumed answers file is not continued with other weights (e.g. a newer
+    ``last.ckpt``)."""
+    path = Path(resolve(model))
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin"))
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
+
+
+def _check_settings(output: str, settings: dict[str, Any], fresh: bool) -> None:
+    """Refuse to resume ``output`` with other generation settings or other weights than it was started with
+    (recorded in ``<output>.settings.json``); record them when starting afresh."""
+    sidecar = f"{output}.settings.json"
+    if fresh or not os.path.exists(sidecar):
+        if not fresh:
+            log.warning("%s has answers but no %s: cannot check that the settings are the same", output, sidecar)
+        write_json_atomic(sidecar, settings)
+        return
+    try:
+        before = json.loads(Path(sidecar).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{sidecar}: unreadable ({e}). Delete it, or pass --overwrite true.") from None
+    changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    if changed:
+        diff = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+        raise DataError(
+            f"{output}: its answers were generated with other settings or weights ({diff}); resuming would mix"
+            " them in one file. Use another --output, the same settings, or pass --overwrite true."
+        )
+
+
 def generate(
     model: str,
     prompts: str,
@@ -584,9 +638,10 @@ def generate(
         raise DataError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}.")
     loaded = load_generator(model, config, tokenizer, reference, device, dtype, weights_only, trust_remote_code)
     data_cfg = (loaded.run_config or {}).get("data") or {}
-    if prompt_template is None:
+    from_run = prompt_template is None
+    if from_run:
         prompt_template = (data_cfg.get("sft") or {}).get("prompt_template")
-    items = read_prompts(prompts, format, prompt_template, limit, split)
+    items = read_prompts(prompts, format, prompt_template, limit, split, strict_template=not from_run)
     if max_prompt_length is None and data_cfg:
         first = _read_source(prompts, split, 1).first()
         kind = "preference" if "chosen" in first and "rejected" in first else "sft"
@@ -595,6 +650,18 @@ def generate(
     dataset = dataset or Path(prompts).stem
     done = [] if overwrite else read_answers(output)
     _check_resume(done, items, name, output)
+    settings = {
+        "model": os.path.abspath(resolve(model)),
+        "weights": model_version(model),
+        "reference": reference,
+        "prompt_template": prompt_template,
+        "max_prompt_length": max_prompt_length,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        **({"temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size} if do_sample else {}),
+        "dtype": dtype,
+    }
+    _check_settings(output, settings, fresh=not done)
     encode = PromptEncoder(loaded.tokenizer, max_prompt_length)
     eos_ids = eos_token_ids(loaded.model, loaded.tokenizer)
     results = list(done)

@@ -54,6 +54,8 @@ PREFERENCE_SKIP_KEYS = ("empty_response", "identical_pair", "no_shared_prompt")
 # heterogeneous extra fields and message dicts never meet Arrow's type inference.
 _ROW_COLUMN = "_xright_row"
 _SKIP_COLUMN = "_xright_skip"
+#: Column of the tokenized sets: the row's position in its source file (after ``limit``), to find its text again.
+SOURCE_ROW_COLUMN = "source_row"
 
 
 class DataError(XRightError):
@@ -709,9 +711,10 @@ def _make_map_fn(kind: str, fmt: str, enc: _Encoder, template: str | None, colum
                 "input_ids": ids,
                 "labels": labels,
                 "num_response_tokens": [sum(t != IGNORE_INDEX for t in lab) for lab in labels],
+                SOURCE_ROW_COLUMN: list(indices),
                 _SKIP_COLUMN: skip,
             }
-        out: dict[str, list] = {_SKIP_COLUMN: skip}
+        out: dict[str, list] = {SOURCE_ROW_COLUMN: list(indices), _SKIP_COLUMN: skip}
         for j, side in enumerate(("chosen", "rejected")):
             out[f"{side}_input_ids"] = [e[j][0] if not s else [] for e, s in zip(encoded, skip)]
             out[f"{side}_labels"] = [e[j][1] if not s else [] for e, s in zip(encoded, skip)]
@@ -726,7 +729,9 @@ def _features(kind: str) -> datasets.Features:
         cols = {"input_ids": ids, "labels": ids, "num_response_tokens": datasets.Value("int32")}
     else:
         cols = {f"{s}_{c}": ids for s in ("chosen", "rejected") for c in ("input_ids", "labels")}
-    return datasets.Features({**cols, _SKIP_COLUMN: datasets.Value("string")})
+    return datasets.Features(
+        {**cols, SOURCE_ROW_COLUMN: datasets.Value("int64"), _SKIP_COLUMN: datasets.Value("string")}
+    )
 
 
 def _load_one(

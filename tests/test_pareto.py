@@ -75,3 +75,11 @@ def test_increases_are_against_the_mean_of_both_sequential_orders_of_the_same_se
     md = markdown(rows, [], {**meta, "machine": "test"}, ["mix"], [0.5])
     # mean and sample std of the ideal distance over the two Mix seeds: 0.3 +- 0.141
     assert "| 0.5 | Mix | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.300 ± 0.141 |" in md
+
+
+def test_maxright_study_run_lengths():
+    from benchmarks.maxright_study import run_lengths
+
+    assert run_lengths("ssddsdddss", "d") == [2, 3]
+    assert run_lengths("ssddsdddss", "s") == [2, 1, 2]
+    assert run_lengths("ssss", "d") == []

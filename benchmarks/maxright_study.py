@@ -3,63 +3,55 @@ MAXRIGHT's share of DPO steps, with the lengths of each method's same-objective 
 
     python benchmarks/maxright_study.py --out benchmarks/results/maxright_study   # about 6 minutes on 2 CPU cores
 
-Every run: the embedded demo config of its method, ``--trainer.max_steps STEPS`` (default 1800), seed 0, lam 0.5
-unless stated, TensorBoard logging every step (to read back which objective each step trained). The optima f* are
-the final validation losses of an SFT-only and a DPO-only run of the same length. Writes ``runs.csv`` (one row per
-run: losses, gaps, ideal distance, steps per objective, mean and longest run of consecutive DPO / SFT steps) and
-``runs.md``.
+Every run: ``pareto.fit`` on the embedded demo config with the method's selector, ``--trainer.max_steps STEPS``
+(default 1800), seed 0, lam 0.5 unless stated, TensorBoard logging every step (to read back which objective each
+step trained). The optima f* are the final validation losses of an SFT-only and a DPO-only run of the same length.
+Writes ``runs.csv`` (one row per run: losses, gaps, ideal distance, steps per objective, mean and longest run of
+consecutive DPO / SFT steps) and ``runs.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pareto import DEFAULT_CONFIG, fit, selector_for, write_csv  # noqa: E402
 
-#: name -> (demo config, extra options)
+from xright_pl.optimum import optimum_from_summaries, write_optimum  # noqa: E402
+
+#: name -> (pareto method, lam, extra options)
 RUNS = {
-    "sft_only": ("sft_only", []),
-    "dpo_only": ("dpo_only", []),
-    "mix": ("mix", []),
-    "alright": ("alright", []),
-    "alright_lam0.15": ("alright", ["--model.lam", "0.15"]),
-    "maxright_k10": ("maxright", []),
-    "maxright_k1": ("maxright", ["--model.selector.init_args.eval_every", "1"]),
+    "sft_only": ("sft_only", 0.5, []),
+    "dpo_only": ("dpo_only", 0.5, []),
+    "mix": ("mix", 0.5, []),
+    "alright": ("alright", 0.5, []),
+    "alright_lam0.15": ("alright", 0.15, []),
+    "maxright_k10": ("maxright", 0.5, []),
+    "maxright_k1": ("maxright", 0.5, ["model.selector.init_args.eval_every=1"]),
 }
+SEED = 0
 
 
-def fit(name: str, out: Path, steps: int, optimum: Path | None) -> dict:
-    config, extra = RUNS[name]
-    root = out / "runs" / name
-    args = [
-        sys.executable, "-m", "xright_pl", "fit", "--config", f"configs/demo/{config}.yaml",
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]", "--summary.print_table", "false",
-        "--trajectory.enabled", "false", *extra,
-    ]  # fmt: skip
-    if optimum is not None:
-        args += ["--tradeoff.optimum_file", str(optimum)]
-        if config == "maxright":
-            args += ["--model.selector.init_args.optimum_file", str(optimum)]
+def run(name: str, out: Path, steps: int, optimum: Path | None) -> dict:
+    """One run through ``pareto.fit``, with TensorBoard logging every step in its own folder."""
+    method, lam, extra = RUNS[name]
+    run_dir = out / "runs" / name
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "", "version": ""},
+    }
+    settings = [f"trainer.logger={json.dumps(logger)}", "trainer.log_every_n_steps=1", *extra]
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(next(root.rglob("summary.json")).read_text())
+    summary = fit(DEFAULT_CONFIG, run_dir, selector_for(method, SEED, optimum), lam, SEED, steps, settings, optimum)
     losses = f"f_sft {summary['val/sft_loss']:.4f} f_dpo {summary['val/dpo_loss']:.4f}"
     print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {losses}", flush=True)
-    return {"summary": summary, "branches": branches(root)}
+    return {"summary": summary, "branches": branches(run_dir)}
 
 
 def branches(root: Path) -> str:
@@ -93,12 +85,13 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = {n: fit(n, out, a.steps, None) for n in ("sft_only", "dpo_only")}
-    f_sft, f_dpo = results["sft_only"]["summary"]["val/sft_loss"], results["dpo_only"]["summary"]["val/dpo_loss"]
+    results = {n: run(n, out, a.steps, None) for n in ("sft_only", "dpo_only")}
     optimum = out / "optimum.json"
-    optimum.write_text(json.dumps({"f_sft_star": f_sft, "f_dpo_star": f_dpo, "beta": 0.1}))
+    opt = optimum_from_summaries(out / "runs" / "sft_only" / "summary.json", out / "runs" / "dpo_only" / "summary.json")
+    write_optimum(opt, optimum)
+    f_sft, f_dpo = opt.f_sft, opt.f_dpo
     for name in ("mix", "alright", "alright_lam0.15", "maxright_k10", "maxright_k1"):
-        results[name] = fit(name, out, a.steps, optimum)
+        results[name] = run(name, out, a.steps, optimum)
     rows = []
     for name, r in results.items():
         s, seq = r["summary"], r["branches"]
@@ -118,10 +111,7 @@ def main() -> None:
                 "step_time_s": s["step_time_s"],
             }
         )  # fmt: skip
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "runs.csv", rows, list(rows[0]))
     lines = [
         f"f_sft* = {f_sft:.4f}, f_dpo* = {f_dpo:.4f} (final validation losses of {a.steps}-step single-objective runs)",
         "",

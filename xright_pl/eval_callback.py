@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from xright_pl.data.sources import SOURCE_ROW_COLUMN
+from xright_pl.data.sources import SOURCE_ROW_COLUMN, eval_source
 from xright_pl.errors import ConfigError
 from xright_pl.generate import PromptEncoder, eos_token_ids, generate_batch, read_prompts
 from xright_pl.judge import RewardScorer, win_rate
@@ -38,9 +38,7 @@ def _source_items(cfg: Any, source_rows: list[int]) -> list[Any]:
     """The prompt items (instruction text, chosen / reference answer) of rows ``source_rows`` of the held-out
     source of an ``SFTData``/``PreferenceData`` config: its eval file or split, else the training source that
     ``val_fraction`` split (row numbers count after ``limit``, as the tokenized sets' ``source_row``)."""
-    held_out = cfg.eval_path is not None or cfg.eval_split is not None
-    path = cfg.eval_path if cfg.eval_path is not None else cfg.path
-    split = (cfg.eval_split if cfg.eval_split is not None else cfg.split) if held_out else cfg.split
+    path, split = eval_source(cfg) or (cfg.path, cfg.split)
     template = getattr(cfg, "prompt_template", None)
     items = read_prompts(path, cfg.format, template, max(source_rows) + 1 if source_rows else 0, split)
     return [items[i] for i in source_rows]

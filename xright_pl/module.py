@@ -176,7 +176,7 @@ class XRightModule(pl.LightningModule):
         self._decision: Decision | None = None
         self._pre: dict[str, ObjectiveOutput] = {}
         self._step_outputs: dict[str, list[ObjectiveOutput]] = {}
-        self._step_units: dict[str, Tensor | int] = {}
+        self._step_units: dict[str, tuple[list[int], Tensor | int]] = {}
         self._log_window = StepLogWindow()
         self._device_batches: dict[str, Any] = {}
         self._rng_state: dict[str, Tensor | None] | None = None  # training RNG stream (dropout), checkpointed
@@ -203,13 +203,11 @@ class XRightModule(pl.LightningModule):
         )
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        if not with_reference:
-            pass
-        elif hp.reference is not None:
+        if with_reference and hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
             )
-        elif self.lora is None:
+        elif with_reference and self.lora is None:
             self.reference = frozen_copy(policy)
         if self.lora is not None:
             policy = apply_lora(policy, self.lora)
@@ -402,26 +400,25 @@ class XRightModule(pl.LightningModule):
             out.num_tokens = item.stream.peek().num_tokens()  # counted on the host copy: no device sync
             item.stream.consume(out.num_examples)
 
-    def _step_units_for(self, batch: Mapping[str, Any]) -> dict[str, Tensor | int]:
-        """What each chosen objective's loss averages over in this whole optimizer step: the scored SFT tokens
-        and the DPO pairs of all its micro-batches on all processes.
+    def _step_units_for(self, batch: Mapping[str, Any]) -> dict[str, tuple[list[int], Tensor | int]]:
+        """What each chosen objective's loss averages over in this optimizer step: per micro-batch on this
+        process, and in total over all micro-batches on all processes (scored SFT tokens, DPO pairs).
 
         Counted on the host copies of the upcoming micro-batches (a look-ahead in the objective's stream), so a
-        single process never synchronises with the device; with several processes the counts are summed with
+        single process never synchronises with the device; with several processes the totals are summed with
         one small all-reduce. Objectives whose batches do not come from the data module's streams are absent.
         """
         accumulate = self.hparams.accumulate_grad_batches
         names = [k for k in self._decision.weights if isinstance(batch.get(k), StreamTicket)]
-        units: dict[str, Tensor | int] = {
-            k: sum(int(batch[k].stream.peek(i).loss_units()) for i in range(accumulate)) for k in names
-        }
-        if self.trainer.world_size > 1 and units:
-            local = torch.tensor([float(units[k]) for k in names], dtype=torch.float64, device=self.device)
-            total = self.trainer.strategy.reduce(local, reduce_op="sum")
-            units = {k: total[i] for i, k in enumerate(names)}
-        return units
+        per_micro = {k: [int(batch[k].stream.peek(i).loss_units()) for i in range(accumulate)] for k in names}
+        totals: dict[str, Tensor | int] = {k: max(sum(v), 1) for k, v in per_micro.items()}
+        if self.trainer.world_size > 1 and totals:
+            local = torch.tensor([float(sum(per_micro[k])) for k in names], dtype=torch.float64, device=self.device)
+            summed = self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1)
+            totals = {k: summed[i] for i, k in enumerate(names)}
+        return {k: (per_micro[k], totals[k]) for k in names}
 
-    def _loss_scale(self, batch: Mapping[str, Any], name: str, weight: float, out: ObjectiveOutput) -> Any:
+    def _loss_scale(self, name: str, weight: float, out: ObjectiveOutput) -> Any:
         """The factor on this micro-batch's mean loss that makes the step's gradient the gradient of the
         objective's mean over the whole step (all micro-batches, all processes), times its weight.
 
@@ -429,14 +426,11 @@ class XRightModule(pl.LightningModule):
         8 micro-batches of 1 row give the same update whatever the lengths. Data-parallel gradients are averaged
         over the ``W`` processes, hence the factor ``W``. Without stream counts: the mean of micro-batch means.
         """
-        total = self._step_units.get(name)
-        item = batch[name]
-        if total is None:
+        if name not in self._step_units:
             return weight / self.hparams.accumulate_grad_batches
-        out.units = int(item.stream.peek().loss_units())
-        if isinstance(total, Tensor):
-            return out.units * weight * self.trainer.world_size / total.clamp(min=1)
-        return out.units * weight * self.trainer.world_size / max(total, 1)
+        per_micro, total = self._step_units[name]
+        out.units = per_micro[self._micro]
+        return out.units * weight * self.trainer.world_size / total
 
     def _reduce(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Average losses over processes, so that every process's selector sees the same values."""
@@ -485,7 +479,7 @@ class XRightModule(pl.LightningModule):
         for i, (name, weight) in enumerate(weights.items()):
             out = self._pre.pop(name, None) or self.objective(name, self._batch(batch, name))
             sync = last_micro and i == len(weights) - 1
-            scale = self._loss_scale(batch, name, weight, out)
+            scale = self._loss_scale(name, weight, out)
             with nullcontext() if sync else self._no_grad_sync():
                 self.manual_backward(out.loss * scale)
             self._consume(batch, name, out)

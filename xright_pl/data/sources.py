@@ -817,14 +817,24 @@ def _split_val(ds: datasets.Dataset, fraction: float, seed: int, name: str):
     return ds.select(train_idx), ds.select(val_idx)
 
 
+def eval_source(cfg: SFTData | PreferenceData) -> tuple[str, str | None] | None:
+    """``(path, split)`` of the held-out data of ``cfg`` (its eval file or split), or None when the validation
+    rows are a ``val_fraction`` of the training source."""
+    if cfg.eval_path is None and cfg.eval_split is None:
+        return None
+    return (
+        cfg.eval_path if cfg.eval_path is not None else cfg.path,
+        cfg.eval_split if cfg.eval_split is not None else cfg.split,
+    )
+
+
 def _load(kind: str, cfg: SFTData | PreferenceData, tokenizer, seed: int) -> LoadedData:
     train, skipped, name = _load_one(kind, cfg, cfg.path, cfg.split, tokenizer)
     by_source = {name: skipped}
     total = Counter(skipped)
-    if cfg.eval_path is not None or cfg.eval_split is not None:
-        eval_path = cfg.eval_path if cfg.eval_path is not None else cfg.path
-        eval_split = cfg.eval_split if cfg.eval_split is not None else cfg.split
-        val, v_skipped, v_name = _load_one(kind, cfg, eval_path, eval_split, tokenizer)
+    held_out = eval_source(cfg)
+    if held_out is not None:
+        val, v_skipped, v_name = _load_one(kind, cfg, *held_out, tokenizer)
         by_source[v_name] = v_skipped
         total.update(v_skipped)
     else:

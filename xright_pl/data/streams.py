@@ -203,9 +203,10 @@ class BatchStream:
             except StopIteration:  # the epoch's sampler ran out
                 self._iter, self._read = None, (epoch + 1, 0)
                 continue
-            self._read = (epoch, index + 1) if index + 1 < len(self) else (epoch + 1, 0)
-            if index + 1 >= len(self):
-                self._iter = None
+            if index + 1 < len(self):
+                self._read = (epoch, index + 1)
+            else:  # the epoch's last batch: the next read opens the next epoch
+                self._iter, self._read = None, (epoch + 1, 0)
             return batch
 
     def peek(self, offset: int = 0) -> Any:

@@ -76,6 +76,7 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("limit_val_batches", 2)
     kwargs.setdefault("val_check_interval", max_steps)
+    kwargs.setdefault("num_sanity_val_steps", 0)
     return pl.Trainer(
         default_root_dir=str(tmp_path),
         max_steps=max_steps,
@@ -84,7 +85,6 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
         callbacks=[RunSummary(print_table=False), *callbacks],
         **kwargs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -274,6 +275,21 @@ class XRightModule(pl.LightningModule):
         self.selector.bind(self.lam, self._step_context())
         if self.hparams.get("precompute_reference_logps"):
             self.precompute_reference()
+        self._enter_training_modes()
+
+    def _enter_training_modes(self) -> None:
+        """The policy trains in train mode (dropout on), the reference stays in eval mode.
+
+        ``from_pretrained`` returns a model in eval mode, and Lightning keeps each submodule's mode as it finds
+        it (validation restores the modes it captured), so the policy is switched here once, before the first
+        (sanity) validation. Lightning then warns about modules in eval mode at the start of training; the
+        frozen reference is in eval mode by design, so that warning is silenced when it counts exactly the
+        reference's modules (any other module left in eval mode still warns).
+        """
+        self.train()
+        if self.reference is not None:
+            n_ref = sum(1 for _ in self.reference.modules())
+            warnings.filterwarnings("ignore", message=rf"Found {n_ref} module\(s\) in eval mode at the start of training")
 
     def on_train_start(self) -> None:
         # Again, now that the training streams exist: epoch-based settings (Sequential's switch_epochs) need

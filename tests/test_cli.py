@@ -152,3 +152,36 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.lamda", "0.3"], ["unknown option 'model.lamda'", "Did you mean model.lam?"]),
+        (["--trainer.max_steps", "0"], ["--trainer.max_steps 0 trains nothing"]),
+        (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
+        (["--model.optimizer.init_args.lr", "abc"],
+         ["--model.optimizer.init_args.lr: 'abc' is not a valid value", "float"]),
+        (["--data.batching.sft_batch_size", "x"],
+         ["--data.batching.sft_batch_size: 'x' is not a valid value (expected int)"]),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_one_clear_paragraph(args, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(tmp_path), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xright_pl: error:") and len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err
+    assert not (tmp_path / "lightning_logs").exists()  # nothing trained
+
+
+def test_typo_in_a_config_file_names_the_key_and_the_closest_option(tmp_path, capsys):
+    text = (REPO / "configs/demo.yaml").read_text()
+    assert "\n  lam: 0.5" in text
+    config = tmp_path / "typo.yaml"
+    config.write_text(text.replace("\n  lam: 0.5", "\n  lamda: 0.5"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    assert "unknown option 'model.lamda'" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from helpers import TINY_LLAMA, demo_data, trainer
 
-from tests.helpers import TINY_LLAMA, demo_data, trainer
 from xright_pl import Alright, XRightModule
 
 

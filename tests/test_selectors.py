@@ -1,5 +1,6 @@
 """Selectors unit-tested without a Trainer."""
 
+import logging
 import math
 
 import pytest
@@ -186,3 +187,21 @@ def test_single():
     assert set(_branches(Single("dpo").bind(0.5), 5)) == {"dpo"}
     with pytest.raises(ValueError):
         Single("x")
+
+
+def test_maxright_eval_every_not_below_max_steps_warns(tmp_path, caplog):
+    """eval_every >= max_steps: both losses are evaluated at step 0 only; the run says so (and still trains)."""
+    from helpers import demo_data, tiny_module, trainer
+
+    from xright_pl import Maxright
+
+    def fit(eval_every: int) -> list[str]:
+        caplog.clear()
+        selector = Maxright(eval_every=eval_every, optimum_file="builtin:demo/optimum.json")
+        with caplog.at_level(logging.WARNING, logger="xright_pl.selectors"):
+            trainer(tmp_path, max_steps=3).fit(tiny_module(selector), datamodule=demo_data(limit=32))
+        return [r.getMessage() for r in caplog.records if "eval_every" in r.getMessage()]
+
+    warned = fit(10)
+    assert len(warned) == 1 and "eval_every=10 is not smaller than max_steps=3" in warned[0]
+    assert fit(2) == []

@@ -57,6 +57,11 @@ class XRightCLI(LightningCLI):
 def check_trainer_settings(trainer) -> None:
     """Point Trainer-level accumulation and clipping to the module's own options (the module optimizes by hand,
     so Lightning refuses them, with advice to switch to automatic optimization that does not apply here)."""
+    if trainer.max_steps == 0:
+        raise ConfigError(
+            "--trainer.max_steps 0 trains nothing: give the number of optimizer steps (e.g. --trainer.max_steps"
+            " 600), or -1 to train for --trainer.max_epochs epochs of the larger data set."
+        )
     wrong = []
     if trainer.accumulate_grad_batches != 1:
         wrong.append(
@@ -131,8 +136,55 @@ def _argument_error(e: BaseException) -> str:
         if key.group(1).endswith("selector"):
             hint = "one of " + ", ".join(SELECTORS) + ", or the import path of your own Selector subclass"
         return f"--{key.group(1)}: {path!r} cannot be used ({reason}). Give {hint}."
+    unknown = _unknown_option(text)
+    if unknown:
+        return unknown
+    bad_value = _bad_value(text)
+    if bad_value:
+        return bad_value
     message = " ".join(ln.strip(" -") for ln in text.splitlines() if ln.strip()).rstrip(".")
     return message + ". Run `python -m xright_pl <command> --help` for the options."
+
+
+_HELP = "Run `python -m xright_pl <command> --help` for the options."
+
+
+def _known_options(group: str) -> list[str]:
+    """The option names of ``--model.*``, ``--data.*`` and ``--trainer.*`` (their constructors' arguments)."""
+    import inspect
+
+    import lightning.pytorch as pl
+
+    target = {"model": XRightModule, "data": JointDataModule, "trainer": pl.Trainer}.get(group)
+    if target is None:
+        return []
+    return [p for p in inspect.signature(target.__init__).parameters if p != "self"]
+
+
+def _unknown_option(text: str) -> str | None:
+    """An unknown option (a typo such as ``model.lamda``) as one sentence with the closest valid names."""
+    import difflib
+
+    found = re.search(r"does not accept option '([^']+)'", text) or re.search(r"unrecognized arguments: --(\S+)", text)
+    if not found:
+        return None
+    key = found.group(1)
+    group, _, name = key.partition(".")
+    close = difflib.get_close_matches(name, _known_options(group), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(f'{group}.{c}' for c in close)}?" if close else ""
+    return f"unknown option {key!r} (in the config file or on the command line).{hint} {_HELP}"
+
+
+def _bad_value(text: str) -> str | None:
+    """A value of the wrong type (``lr: abc``), named by its full option path, with the types expected."""
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    given = re.search(r"Given value: (.*?)(?:\. Got value|$)", text, re.S) or re.search(r"Got value: (.*?)\.?$", text)
+    expected = re.findall(r"Expected a <class '([\w.]+)'>", text)
+    if not keys or not given or not expected:
+        return None
+    path = keys[0] + "".join(f".init_args.{k}" for k in keys[1:])
+    types = " or ".join(dict.fromkeys(t.rsplit(".", 1)[-1] for t in expected))
+    return f"--{path}: {given.group(1).strip()!r} is not a valid value (expected {types}). {_HELP}"
 
 
 def _user_error(e: BaseException | None) -> BaseException | None:

@@ -289,7 +289,8 @@ class XRightModule(pl.LightningModule):
         self.train()
         if self.reference is not None:
             n_ref = sum(1 for _ in self.reference.modules())
-            warnings.filterwarnings("ignore", message=rf"Found {n_ref} module\(s\) in eval mode at the start of training")
+            only_reference = rf"Found {n_ref} module\(s\) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=only_reference)
 
     def on_train_start(self) -> None:
         # Again, now that the training streams exist: epoch-based settings (Sequential's switch_epochs) need

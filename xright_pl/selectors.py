@@ -259,6 +259,15 @@ class Maxright(Selector):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.optimum is not None and hasattr(pl_module, "beta"):
             self.optimum.check_beta(pl_module.beta)
+        max_steps = trainer.max_steps
+        lam = getattr(pl_module, "lam", self.lam)
+        if max_steps is not None and 0 < max_steps <= self.eval_every and lam not in (0.0, 1.0):
+            log.warning(
+                "Maxright: eval_every=%d is not smaller than max_steps=%d, so both losses are evaluated only at"
+                " step 0; after that each tracked loss is refreshed only from its own training steps (a stale value"
+                " for the objective not trained). Lower eval_every (1 = exact MAXRIGHT, the paper uses 10).",
+                self.eval_every, max_steps,
+            )  # fmt: skip
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.online and not trainer.sanity_checking:

@@ -77,13 +77,13 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     kwargs.setdefault("limit_val_batches", 2)
     kwargs.setdefault("val_check_interval", max_steps)
     kwargs.setdefault("num_sanity_val_steps", 0)
+    kwargs.setdefault("enable_progress_bar", False)
     return pl.Trainer(
         default_root_dir=str(tmp_path),
         max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         check_val_every_n_epoch=None,
         callbacks=[RunSummary(print_table=False), *callbacks],

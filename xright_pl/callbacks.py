@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from xright_pl.commandline import resume_command
 from xright_pl.selectors import Selector
 
 
@@ -99,6 +100,9 @@ class RunSummary(Callback):
             out["examples/sft"] = dm.consumed_examples().get("sft", 0)
             out["examples/dpo"] = dm.consumed_examples().get("dpo", 0)
             out["skipped"] = getattr(dm, "skipped", {})
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if last:
+            out["last_checkpoint"] = last
         for cb in trainer.callbacks:  # e.g. TradeoffMetrics (optima used), TrajectoryPlot (PNG path)
             if cb is not self and hasattr(cb, "summary_fields"):
                 out.update(cb.summary_fields(trainer))
@@ -123,7 +127,7 @@ class RunSummary(Callback):
 def format_summary(summary: dict[str, Any]) -> str:
     rows = []
     for k, v in summary.items():
-        if k in ("skipped", "path"):
+        if k in ("skipped", "path", "last_checkpoint"):
             continue
         if isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
@@ -137,4 +141,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"{k.ljust(width)} : {v}" for k, v in rows]
     if "path" in summary:
         lines.append(f"written to {summary['path']}")
+    if summary.get("last_checkpoint"):
+        lines.append(f"last checkpoint: {summary['last_checkpoint']}")
+        lines.append(f"to resume (or train on with a larger --trainer.max_steps): {resume_command()}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import sys
 from argparse import ArgumentError
 from collections.abc import Callable
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary
@@ -21,6 +22,7 @@ from xright_pl.data.module import JointDataModule
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.metrics import TradeoffMetrics
 from xright_pl.module import XRightModule
+from xright_pl.progress import StepProgress
 from xright_pl.trajectory import TrajectoryPlot
 
 #: Commands that are not Trainer methods: name -> "module:function".
@@ -40,6 +42,17 @@ class XRightCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(TradeoffMetrics, "tradeoff")
         parser.add_lightning_class_args(TrajectoryPlot, "trajectory")
+        parser.add_lightning_class_args(StepProgress, "progress")
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, with :class:`StepProgress` as its progress bar unless the progress bar is off
+        (``--trainer.enable_progress_bar false``) or the config gives its own."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        own_bar = any(isinstance(c, ProgressBar) for c in trainer_config.get("callbacks") or [])
+        if own_bar or trainer_config.get("enable_progress_bar") is False:
+            parser = self._parser(self.subcommand)
+            parser.callback_keys = [k for k in parser.callback_keys if k != "progress"]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)

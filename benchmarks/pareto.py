@@ -233,7 +233,7 @@ def run_benchmark(
     write_csv(out / "pareto.csv", rows, COLUMNS)
     write_csv(out / "optima.csv", optima, list(optima[0]) if optima else ["seed"])
     meta = {
-        "config": str(config),
+        "config": repo_relative(config),
         "steps": steps,
         "seeds": seeds,
         "lams": lams,
@@ -414,6 +414,15 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         for r in csv.DictReader(f):
             rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
     return rows
+
+
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results committed from any machine show the
+    same text), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def config_steps(config: Path) -> int | None:

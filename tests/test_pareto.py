@@ -48,6 +48,7 @@ def test_pareto_smoke(tmp_path):
     assert float(maxr["runtime_increase_pct"]) == pytest.approx(expected)
     md = (out / "pareto.md").read_text()
     assert "| 0.5 | MAXRIGHT |" in md and "| 0.5 | Sequential (DPO→SFT) |" in md
+    assert "- config: `configs/demo.yaml`;" in md  # relative to the repository: no path of this machine
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "optima.csv").is_file()
 

@@ -133,6 +133,13 @@ def test_long_chat_prompt_drops_oldest_turns(variant, tiny_tokenizer, smol_like,
     kept = tok.apply_chat_template(system + msgs[len(system) + 2 : -1], tokenize=False, add_generation_prompt=True)
     assert prompt == kept and "question0" not in prompt and "question5" in prompt
     assert tok.decode(labels) == msgs[-1]["content"] + "<|im_end|>"
+    # a multi-turn conversational pair: both sides share the same fitted prompt
+    pair = {"prompt": msgs[:-1], "chosen": msgs[-1:], "rejected": [asst("No.")]}
+    path = write_jsonl(tmp_path / "p.jsonl", [pair])
+    ex = load_preference(PreferenceData(path=path, val_fraction=0, max_prompt_length=limit), tok).train[0]
+    for side, text in (("chosen", msgs[-1]["content"]), ("rejected", "No.")):
+        p, labels = parts(tok, ex[f"{side}_input_ids"], ex[f"{side}_labels"])
+        assert p == kept and tok.decode(labels) == text + "<|im_end|>"
 
 
 @pytest.mark.parametrize("variant", ["tiny", "smol_like"])

@@ -3,10 +3,13 @@
 The pipeline for one source is: read the rows (local ``.jsonl``/``.json`` parsed here, ``.parquet`` and hub
 names through :func:`datasets.load_dataset`), detect the row format, validate every row's fields and types
 (a :class:`DataError` names the source, the row, the field and the fix), then tokenize once with
-:meth:`datasets.Dataset.map`. Prompt and response are tokenized separately and concatenated as
-``prompt_ids + response_ids + [eos]``; labels are :data:`~xright_pl.types.IGNORE_INDEX` on the prompt.
-Rows that end up with no response tokens, and preference pairs whose two responses are the same text, are
-skipped and counted (one ``WARNING`` log line per source, counts in :attr:`LoadedData.skipped`).
+:meth:`datasets.Dataset.map`. Text rows: prompt and response are tokenized separately and concatenated as
+``prompt_ids + response_ids + [eos]``. Chat rows (message lists, or text rows with ``use_chat_template``) are
+rendered with the tokenizer's chat template and trained through the end-of-turn token, with long prompts fitted
+turn by turn (:mod:`xright_pl.data.chat`). Labels are :data:`~xright_pl.types.IGNORE_INDEX` on the prompt.
+Rows with no response tokens, with an empty prompt, whose chat prompt cannot be fitted, and preference pairs
+whose two responses are the same text, are skipped and counted (one ``WARNING`` log line per source, counts in
+:attr:`LoadedData.skipped`, see :data:`SKIP_REASONS`).
 """
 
 from __future__ import annotations
@@ -147,8 +150,8 @@ class PreferenceData:
     """Template of the prompt text of prompt_chosen_rejected and hh rows, with a {prompt} placeholder (e.g. the
     SFT part's template, so both share one format); None uses the prompt as it is."""
     use_chat_template: bool = False
-    """Render text rows with the tokenizer's chat template: an HH dialogue prompt (``\n\nHuman: ...
-    \n\nAssistant:``) becomes its user/assistant turns (responses lose their leading space), any other
+    """Render text rows with the tokenizer's chat template: an HH dialogue prompt (``\\n\\nHuman: ...
+    \\n\\nAssistant:``) becomes its user/assistant turns (responses lose their leading space), any other
     prompt one user message. Conversational rows always use the chat template."""
     num_proc: int | None = None
     """Worker processes for tokenization (``Dataset.map(num_proc=...)``); None tokenizes in-process."""

@@ -30,6 +30,16 @@ _FALLBACK_TEXTS = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``real`` tests (a real model from an extra package) run only when ``-m`` names them (``-m real``)."""
+    if "real" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="needs the real SmolLM2 model; opt-in: pytest -m real")
+    for item in items:
+        if "real" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The offline sample data folder (skips the test when it is missing)."""

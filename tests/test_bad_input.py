@@ -249,3 +249,15 @@ def test_model_path_that_does_not_exist(capsys, tmp_path):
     missing = str(tmp_path / "no-such-model")
     err = _one_paragraph(_fails(capsys, tmp_path, "--model.model", missing, "--model.model_config", "null"))
     assert f"model path {missing!r} does not exist" in err and "save_pretrained" in err
+
+
+def test_whitespace_prompt_is_a_counted_skip_in_the_summary(tmp_path):
+    pairs = _jsonl(tmp_path / "p.jsonl", [*GOOD_PAIRS, {**GOOD_PAIRS[0], "prompt": " \n "}])
+    sft_rows = [json.loads(x) for x in (DEMO / "sft_train.jsonl").read_text().splitlines()[:16]]
+    sft = _jsonl(tmp_path / "s.jsonl", [*sft_rows, {"instruction": "\t", "input": "", "output": "4 ."}])
+    main([*_base(tmp_path / "run"), "--data.preference.path", str(pairs), "--data.sft.path", str(sft),
+          "--data.preference.limit", "null", "--data.sft.limit", "null"])  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"]["dpo"]["empty_prompt"] == 1 and summary["skipped"]["dpo"]["empty_response"] == 0
+    assert summary["skipped"]["sft"]["empty_prompt"] == 1
+    assert summary["optimizer_steps"] == 2

@@ -152,8 +152,9 @@ def test_conversational_chat_template(tiny_tokenizer, tmp_path):
         prompt, chosen = split_decode(tiny_tokenizer, ex["chosen_input_ids"], ex["chosen_labels"])
         _, rejected = split_decode(tiny_tokenizer, ex["rejected_input_ids"], ex["rejected_labels"])
         assert prompt == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
-        assert chosen == "Hello!<|im_end|>\n" + EOS
-        assert rejected == "Go away.<|im_end|>\n" + EOS
+        # trained through the end-of-turn token; the template's "\n" after it and an extra EOS are not
+        assert chosen == "Hello!<|im_end|>"
+        assert rejected == "Go away.<|im_end|>"
 
     # SFT messages; when EOS already ends the rendered response it is not appended again
     tok = copy.deepcopy(tiny_tokenizer)

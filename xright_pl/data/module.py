@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader
 
 from xright_pl.data.collate import collate_preference, collate_sft
 from xright_pl.data.sources import PreferenceData, SFTData, load_preference, load_sft, load_tokenizer
-from xright_pl.data.streams import BatchStream, TicketIterable, length_grouped_order, row_lengths
+from xright_pl.data.streams import (
+    BatchStream,
+    TicketIterable,
+    length_grouped_order,
+    row_lengths,
+    short_data_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,7 @@ class JointDataModule(pl.LightningDataModule):
         self.skipped: dict[str, dict[str, int]] = {}
         self.streams: dict[str, BatchStream] = {}
         self._stream_state: dict[str, dict[str, int]] = {}
+        self._warned_short: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -170,8 +177,17 @@ class JointDataModule(pl.LightningDataModule):
             )
             if name in saved:
                 stream.restore(saved[name])
+            if rank == 0:
+                self._warn_short(name, len(ds), world)
             self.streams[name] = stream
         return CombinedLoader({k: TicketIterable(s) for k, s in self.streams.items()}, mode="max_size_cycle")
+
+    def _warn_short(self, name: str, rows: int, world_size: int) -> None:
+        """Warn once per objective when its training set is smaller than one batch."""
+        msg = short_data_message(name, rows, self.batch_size(name), world_size)
+        if msg is not None and name not in self._warned_short:
+            self._warned_short.add(name)
+            log.warning(msg)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.load()

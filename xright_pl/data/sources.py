@@ -3,10 +3,13 @@
 The pipeline for one source is: read the rows (local ``.jsonl``/``.json`` parsed here, ``.parquet`` and hub
 names through :func:`datasets.load_dataset`), detect the row format, validate every row's fields and types
 (a :class:`DataError` names the source, the row, the field and the fix), then tokenize once with
-:meth:`datasets.Dataset.map`. Prompt and response are tokenized separately and concatenated as
-``prompt_ids + response_ids + [eos]``; labels are :data:`~xright_pl.types.IGNORE_INDEX` on the prompt.
-Rows that end up with no response tokens, and preference pairs whose two responses are the same text, are
-skipped and counted (one ``WARNING`` log line per source, counts in :attr:`LoadedData.skipped`).
+:meth:`datasets.Dataset.map`. Text rows: prompt and response are tokenized separately and concatenated as
+``prompt_ids + response_ids + [eos]``. Chat rows (message lists, or text rows with ``use_chat_template``) are
+rendered with the tokenizer's chat template and trained through the end-of-turn token, with long prompts fitted
+turn by turn (:mod:`xright_pl.data.chat`). Labels are :data:`~xright_pl.types.IGNORE_INDEX` on the prompt.
+Rows with no response tokens, with an empty prompt, whose chat prompt cannot be fitted, and preference pairs
+whose two responses are the same text, are skipped and counted (one ``WARNING`` log line per source, counts in
+:attr:`LoadedData.skipped`, see :data:`SKIP_REASONS`).
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import json
 import logging
 import os
 import random
+import string
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from xright_pl.assets import resolve
+from xright_pl.data.chat import HH_TURN, ChatEncoder, has_chat_template, text_to_messages
 from xright_pl.errors import XRightError
 from xright_pl.types import IGNORE_INDEX
 
@@ -47,8 +53,21 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+#: Skip reasons always listed in :attr:`LoadedData.skipped` (with 0 when none); ``OPTIONAL_SKIP_KEYS`` are listed
+#: when they occur.
 SFT_SKIP_KEYS = ("empty_response",)
 PREFERENCE_SKIP_KEYS = ("empty_response", "identical_pair", "no_shared_prompt")
+OPTIONAL_SKIP_KEYS = ("empty_prompt", "prompt_too_long")
+#: What each skip reason means (the skip warning prints the ones that occurred).
+SKIP_REASONS = {
+    "empty_response": "no response tokens (empty text, or no room left after the prompt: raise max_length or "
+    "lower max_prompt_length)",
+    "identical_pair": "chosen equals rejected",
+    "no_shared_prompt": "the pair shares no prompt",
+    "empty_prompt": "the prompt text is empty or whitespace",
+    "prompt_too_long": "a chat prompt whose system turn, last user turn and assistant header leave no room "
+    "for the user's text within max_prompt_length",
+}
 
 # Serialized rows (local JSON files) travel through ``datasets`` as one JSON string per row, so that
 # heterogeneous extra fields and message dicts never meet Arrow's type inference.
@@ -84,12 +103,19 @@ class SFTData:
     max_length: int = 512
     """Maximum tokens per sequence (prompt + response + EOS); the response is cut from the right."""
     max_prompt_length: int = 256
-    """Maximum prompt tokens; longer prompts are cut from the left (a leading BOS is kept)."""
+    """Maximum prompt tokens; longer text prompts are cut from the left (a leading BOS is kept); longer chat
+    prompts lose whole earlier turns, then the start of the user's text (system turn and assistant header
+    kept; see :mod:`xright_pl.data.chat`)."""
     limit: int | None = None
     """Use only the first N rows of each source (smoke runs); None uses all."""
     prompt_template: str | None = None
     """Prompt template with {instruction}/{input} (alpaca) or {prompt} (prompt_completion) placeholders;
-    None uses the standard Alpaca template (the with-input variant when ``input`` is non-empty)."""
+    None uses the standard Alpaca template (the with-input variant when ``input`` is non-empty); with
+    ``use_chat_template`` None makes the user message the instruction (plus a blank line and the input)."""
+    use_chat_template: bool = False
+    """Render alpaca and prompt_completion text rows with the tokenizer's chat template: the (templated)
+    prompt becomes one user message (an HH dialogue text becomes its turns), the response the assistant
+    turn. Message-list rows always use the chat template."""
     num_proc: int | None = None
     """Worker processes for tokenization (``Dataset.map(num_proc=...)``); None tokenizes in-process."""
 
@@ -115,9 +141,18 @@ class PreferenceData:
     max_length: int = 512
     """Maximum tokens per sequence (prompt + response + EOS); responses are cut from the right."""
     max_prompt_length: int = 256
-    """Maximum prompt tokens; longer prompts are cut from the left (a leading BOS is kept)."""
+    """Maximum prompt tokens; longer text prompts are cut from the left (a leading BOS is kept); longer chat
+    prompts lose whole earlier turns, then the start of the user's text (system turn and assistant header
+    kept; see :mod:`xright_pl.data.chat`)."""
     limit: int | None = None
     """Use only the first N rows of each source (smoke runs); None uses all."""
+    prompt_template: str | None = None
+    """Template of the prompt text of prompt_chosen_rejected and hh rows, with a {prompt} placeholder (e.g. the
+    SFT part's template, so both share one format); None uses the prompt as it is."""
+    use_chat_template: bool = False
+    """Render text rows with the tokenizer's chat template: an HH dialogue prompt (``\\n\\nHuman: ...
+    \\n\\nAssistant:``) becomes its user/assistant turns (responses lose their leading space), any other
+    prompt one user message. Conversational rows always use the chat template."""
     num_proc: int | None = None
     """Worker processes for tokenization (``Dataset.map(num_proc=...)``); None tokenizes in-process."""
 
@@ -476,16 +511,23 @@ def _validate(raw: _Raw, fmt: str) -> None:
 # ------------------------------------------------------------------------------------------ formatting
 
 
-def format_sft_row(row: dict, fmt: str, template: str | None = None) -> tuple[str | list, str | list]:
+def format_sft_row(
+    row: dict, fmt: str, template: str | None = None, chat: bool = False
+) -> tuple[str | list, str | list]:
     """Split one SFT row into ``(prompt, response)``.
 
     Text formats give two strings. Chat rows give ``(prompt_messages, response)`` where the prompt is a
     list of ``{role, content}`` messages and the response the final assistant message's content (or the
-    ``completion`` message list of a conversational prompt_completion row).
+    ``completion`` message list of a conversational prompt_completion row). With ``chat`` a text row becomes
+    a chat row: an alpaca row is one user message (the filled ``template``, else the instruction, plus a
+    blank line and the input when there is one); a text prompt is an HH dialogue's turns or one user message.
     """
     if fmt == "alpaca":
         inp = row.get("input") or ""
         fields = {"instruction": row["instruction"], "input": inp}
+        if chat:
+            text = _fill(template, fields) if template is not None else _join_input(row["instruction"], inp)
+            return [{"role": "user", "content": text}], row["output"]
         if template is None:
             template = ALPACA_PROMPT_INPUT if inp.strip() else ALPACA_PROMPT_NO_INPUT
         return _fill(template, fields), row["output"]
@@ -493,6 +535,8 @@ def format_sft_row(row: dict, fmt: str, template: str | None = None) -> tuple[st
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and template is not None:
             prompt = _fill(template, {"prompt": prompt})
+        if chat and isinstance(prompt, str):
+            return _text_as_chat(prompt, [completion])
         if isinstance(prompt, list) or isinstance(completion, list):
             return _as_messages(prompt), completion
         return prompt, completion
@@ -502,13 +546,29 @@ def format_sft_row(row: dict, fmt: str, template: str | None = None) -> tuple[st
     raise DataError(f"unknown SFT format {fmt!r}. Valid formats: {', '.join(SFT_FORMATS[1:])}.")
 
 
-def format_preference_row(row: dict, fmt: str) -> tuple[str | list, str | list, str | list] | None:
+def format_preference_row(
+    row: dict, fmt: str, template: str | None = None, chat: bool = False
+) -> tuple[str | list, str | list, str | list] | None:
     """Split one preference row into ``(prompt, chosen, rejected)``.
 
     Strings for prompt_chosen_rejected and hh; for conversational the prompt is a message list and the
     responses are message lists. Returns ``None`` when chosen and rejected share no prompt (hh without a
-    common ``"\\n\\nAssistant:"``, conversational whole dialogues without a common prefix).
+    common ``"\\n\\nAssistant:"``, conversational whole dialogues without a common prefix). For text rows,
+    ``template`` (with ``{prompt}``) is filled with the prompt, and ``chat`` turns the prompt into messages
+    (an HH dialogue's turns, else one user message; HH responses lose their leading space).
     """
+    parts = _split_preference_row(row, fmt)
+    if parts is None or fmt == "conversational":
+        return parts
+    prompt, chosen, rejected = parts
+    if template is not None:
+        prompt = _fill(template, {"prompt": prompt})
+    if chat:
+        return _text_as_chat(prompt, [chosen, rejected])
+    return prompt, chosen, rejected
+
+
+def _split_preference_row(row: dict, fmt: str) -> tuple[str | list, str | list, str | list] | None:
     if fmt == "prompt_chosen_rejected":
         return row["prompt"], row["chosen"], row["rejected"]
     if fmt == "hh":
@@ -542,6 +602,15 @@ def format_preference_row(row: dict, fmt: str) -> tuple[str | list, str | list, 
     raise DataError(f"unknown preference format {fmt!r}. Valid formats: {', '.join(PREFERENCE_FORMATS[1:])}.")
 
 
+def _join_input(instruction: str, inp: str) -> str:
+    return instruction + (f"\n\n{inp}" if inp.strip() else "")
+
+
+def _text_as_chat(prompt: str, responses: list) -> tuple:
+    msgs, is_hh = text_to_messages(prompt)
+    return (msgs, *[r.strip() if is_hh and isinstance(r, str) else r for r in responses])
+
+
 def _fill(template: str, fields: dict[str, str]) -> str:
     try:
         return template.format_map(fields)
@@ -551,6 +620,29 @@ def _fill(template: str, fields: dict[str, str]) -> str:
             f"placeholders {sorted('{' + k + '}' for k in fields)} and write literal braces "
             "as '{{' / '}}'."
         ) from None
+
+
+def _check_prompt_template(template: str | None, fmt: str, name: str) -> None:
+    """A ``prompt_template`` that does not fit the rows' format is an error naming the source and the fix."""
+    if template is None:
+        return
+    if fmt in ("messages", "conversational"):
+        raise DataError(
+            f"{name}: prompt_template is set, but format {fmt!r} rows are message lists, which the tokenizer's "
+            "chat template formats. Remove prompt_template (or give text rows)."
+        )
+    fields = ("instruction", "input") if fmt == "alpaca" else ("prompt",)
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        used = {f"<{e}>"}
+    if used - set(fields) or fields[0] not in used:
+        raise DataError(
+            f"{name}: prompt_template {template[:60]!r} does not fit format {fmt!r} rows: it must contain "
+            f"{{{fields[0]}}} and may use only {', '.join('{' + f + '}' for f in fields)} (it uses "
+            f"{', '.join(sorted('{' + f + '}' for f in used)) or 'no placeholder'}). Write literal braces as "
+            "'{{' / '}}'."
+        )
 
 
 def _clean_message(m: dict) -> dict:
@@ -568,11 +660,37 @@ def _response_text(x: str | list) -> str:
     return x if isinstance(x, str) else "".join(m.get("content") or "" for m in x)
 
 
+def _raw_sft_prompt(row: dict, fmt: str) -> str | list:
+    if fmt == "alpaca":
+        return row["instruction"] + (row.get("input") or "")
+    if fmt == "messages":
+        return row["messages"][:-1]
+    return row["prompt"]
+
+
+def _prompt_is_empty(prompt: str | list) -> bool:
+    """Whether a row's own prompt text (before templates; HH ``Human:``/``Assistant:`` markers are structure,
+    not text) is empty or whitespace."""
+    if isinstance(prompt, str):
+        return not HH_TURN.sub("", prompt).strip()
+    return not "".join(m.get("content") or "" for m in prompt).strip()
+
+
 # ---------------------------------------------------------------------------------------- tokenization
 
 
+@dataclass
+class _Item:
+    """One row ready to tokenize: a text or chat prompt, its response(s), and a skip reason ("" = keep)."""
+
+    prompt: str | list
+    responses: list
+    chat: bool
+    skip: str = ""
+
+
 class _Encoder:
-    """Tokenizes ``(prompt, response)`` pairs into ``input_ids``/``labels`` with truncation."""
+    """Tokenizes rows into ``input_ids``/``labels`` with truncation (chat rows through :class:`ChatEncoder`)."""
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int, name: str):
         self.tok = tokenizer
@@ -590,59 +708,56 @@ class _Encoder:
             (full[:i] for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), []
         )
 
+    @cached_property
+    def chat(self) -> ChatEncoder:
+        return ChatEncoder(self.tok, self.max_prompt_length, self.name)
+
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
-    def render(self, prompt: list, response: str | list, where: str) -> tuple[str, str]:
-        """Render chat messages: prompt with a generation prompt, response = full minus prompt."""
-        resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-        p = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = self.tok.apply_chat_template(prompt + resp, tokenize=False)
-        if not full.startswith(p):
-            raise DataError(
-                f"{self.name}: {where}: the chat template's rendering of the prompt with "
-                "add_generation_prompt=True is not a prefix of the rendering of the whole conversation, "
-                "so the response cannot be split off. Use a chat template whose generation prompt "
-                "matches how assistant turns start (pass `chat_template`)."
-            )
-        return p, full[len(p) :]
+    def text_prompt(self, ids: list[int]) -> list[int]:
+        """The tokenizer's leading special tokens + ``ids``, cut from the left (keeping those tokens)."""
+        pid = list(self.prefix) + ids
+        keep = len(self.prefix) if self.prefix else int(bool(pid) and self.bos_id is not None and pid[0] == self.bos_id)
+        if len(pid) > self.max_prompt_length:
+            tail = self.max_prompt_length - keep
+            pid = pid[:keep] + (pid[len(pid) - tail :] if tail > 0 else [])
+            pid = pid[: self.max_prompt_length]
+        return pid
 
-    def encode(
-        self,
-        prompts: list[str],
-        prompt_is_chat: list[bool],
-        responses: list[list[str]],
-        resp_is_chat: list[bool],
-    ) -> list[list[tuple[list[int], list[int]] | None]]:
-        """Tokenize prompts and (one or more) responses per row; None for a response with no tokens."""
-        p_ids = self._ids(prompts)
-        flat = [r for rs in responses for r in rs]
-        r_ids = self._ids(flat)
-        out = []
-        k = 0
-        for i, rs in enumerate(responses):
-            head = [] if prompt_is_chat[i] else list(self.prefix)
-            pid = head + p_ids[i]
-            keep = len(head) if head else int(bool(pid) and self.bos_id is not None and pid[0] == self.bos_id)
-            if len(pid) > self.max_prompt_length:
-                tail = self.max_prompt_length - keep
-                pid = pid[:keep] + (pid[len(pid) - tail :] if tail > 0 else [])
-                pid = pid[: self.max_prompt_length]
-            budget = self.max_length - len(pid)
-            row = []
-            for r_text in rs:
-                rid = list(r_ids[k])
-                k += 1
-                if not (resp_is_chat[i] and r_text.rstrip().endswith(self.eos)):
-                    rid.append(self.eos_id)
-                rid = rid[: max(budget, 0)]
-                if not r_text.strip() or not rid:
-                    row.append(None)
-                else:
-                    row.append((pid + rid, [IGNORE_INDEX] * len(pid) + rid))
-            out.append(row)
+    def sequence(self, pid: list[int], rid: list[int]) -> tuple[list[int], list[int]] | None:
+        """``(input_ids, labels)`` with the response cut from the right to fit; None when none of it fits."""
+        rid = rid[: max(self.max_length - len(pid), 0)]
+        return (pid + rid, [IGNORE_INDEX] * len(pid) + rid) if rid else None
+
+    def encode(self, items: list[_Item], where: list[str]) -> list[list[tuple[list[int], list[int]]] | None]:
+        """Per row, ``(input_ids, labels)`` per response; None for a skipped row (its reason set on the item:
+        ``prompt_too_long`` for a chat prompt that cannot be fitted, ``empty_response`` for a response with no
+        room left)."""
+        text = [k for k, it in enumerate(items) if not it.skip and not it.chat]
+        p_ids = dict(zip(text, self._ids([items[k].prompt for k in text])))
+        r_ids = iter(self._ids([r for k in text for r in items[k].responses]))
+        out: list = []
+        for k, it in enumerate(items):
+            if it.skip:
+                out.append(None)
+                continue
+            if it.chat:
+                parts = self.chat.encode(it.prompt, it.responses, where[k])
+                if parts is None:
+                    it.skip = "prompt_too_long"
+                    out.append(None)
+                    continue
+                pid, rids = parts
+            else:
+                pid = self.text_prompt(p_ids[k])
+                rids = [next(r_ids) + [self.eos_id] for _ in it.responses]
+            seqs = [self.sequence(pid, rid) for rid in rids]
+            if any(s is None for s in seqs):
+                it.skip, seqs = "empty_response", None
+            out.append(seqs)
         return out
 
 
@@ -650,74 +765,54 @@ def _needs_chat(prompt: Any, responses: Sequence[Any]) -> bool:
     return isinstance(prompt, list) or any(isinstance(r, list) for r in responses)
 
 
-def _make_map_fn(kind: str, fmt: str, enc: _Encoder, template: str | None, columns: list[str]):
+def _batch_rows(batch: dict[str, list], columns: list[str]) -> list[dict]:
+    if _ROW_COLUMN in batch:
+        return [json.loads(s) for s in batch[_ROW_COLUMN]]
+    cols = [c for c in columns if c in batch]
+    return [dict(zip(cols, vals)) for vals in zip(*(batch[c] for c in cols))]
+
+
+def _prepare(kind: str, fmt: str, row: dict, template: str | None, use_chat: bool) -> _Item:
+    """Format one row and decide whether it is skipped before tokenization."""
+    if kind == "sft":
+        raw_prompt = _raw_sft_prompt(row, fmt)
+        parts: tuple | None = format_sft_row(row, fmt, template, use_chat)
+    else:
+        split = _split_preference_row(row, fmt)
+        if split is None:
+            return _Item("", [], False, "no_shared_prompt")
+        raw_prompt = split[0]
+        parts = format_preference_row(row, fmt, template, use_chat)
+    prompt, *responses = parts
+    reason = ""
+    if any(not _response_text(r).strip() for r in responses):
+        reason = "empty_response"
+    elif _prompt_is_empty(raw_prompt):
+        reason = "empty_prompt"
+    elif kind == "preference" and responses[0] == responses[1]:
+        reason = "identical_pair"
+    return _Item(prompt, responses, _needs_chat(prompt, responses), reason)
+
+
+def _make_map_fn(kind: str, fmt: str, enc: _Encoder, template: str | None, columns: list[str], use_chat: bool):
     name = enc.name
 
     def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        if _ROW_COLUMN in batch:
-            rows = [json.loads(s) for s in batch[_ROW_COLUMN]]
-        else:
-            cols = [c for c in columns if c in batch]
-            rows = [dict(zip(cols, vals)) for vals in zip(*(batch[c] for c in cols))]
-        prompts: list[str] = []
-        p_chat: list[bool] = []
-        resps: list[list[str]] = []
-        r_chat: list[bool] = []
-        raw_resps: list[list[str]] = []
-        skip: list[str] = []
-        for idx, row in zip(indices, rows):
-            if kind == "sft":
-                prompt, response = format_sft_row(row, fmt, template)
-                parts: tuple | None = (prompt, response)
-            else:
-                parts = format_preference_row(row, fmt)
-            reason = ""
-            if parts is None:
-                reason = "no_shared_prompt"
-                parts = ("", "", "")
-            prompt, *responses = parts
-            texts = [_response_text(r) for r in responses]
-            if not reason and any(not t.strip() for t in texts):
-                reason = "empty_response"
-            if not reason and kind == "preference" and responses[0] == responses[1]:
-                reason = "identical_pair"
-            chat = _needs_chat(prompt, responses)
-            if chat and not reason:
-                if not getattr(enc.tok, "chat_template", None):
-                    raise DataError(
-                        f"{name}: row {idx}: conversational rows need a chat template, but the tokenizer has "
-                        "none. Pass `chat_template` to load_tokenizer or use a chat (instruct) tokenizer."
-                    )
-                msgs = _as_messages(prompt)
-                rendered = [enc.render(msgs, r, f"row {idx}") for r in responses]
-                prompt = rendered[0][0]
-                responses = [r for _, r in rendered]
-            elif chat or reason:
-                prompt, responses = "", [""] * len(responses)
-            prompts.append(prompt)
-            p_chat.append(chat)
-            resps.append(list(responses))
-            r_chat.append(chat)
-            raw_resps.append(texts)
-            skip.append(reason)
-        encoded = enc.encode(prompts, p_chat, resps, r_chat)
-        for i, row_enc in enumerate(encoded):
-            if not skip[i] and any(e is None for e in row_enc):
-                skip[i] = "empty_response"
+        items = [_prepare(kind, fmt, row, template, use_chat) for row in _batch_rows(batch, columns)]
+        for idx, it in zip(indices, items):
+            if it.chat and not it.skip and not has_chat_template(enc.tok):
+                raise DataError(
+                    f"{name}: row {idx}: conversational rows need a chat template, but the tokenizer has "
+                    "none. Pass `chat_template` to load_tokenizer or use a chat (instruct) tokenizer."
+                )
+        encoded = enc.encode(items, [f"row {idx}" for idx in indices])
+        out: dict[str, list] = {SOURCE_ROW_COLUMN: list(indices), _SKIP_COLUMN: [it.skip for it in items]}
+        sides = ("",) if kind == "sft" else ("chosen_", "rejected_")
+        for j, side in enumerate(sides):
+            out[f"{side}input_ids"] = [e[j][0] if e else [] for e in encoded]
+            out[f"{side}labels"] = [e[j][1] if e else [] for e in encoded]
         if kind == "sft":
-            ids = [e[0][0] if not s else [] for e, s in zip(encoded, skip)]
-            labels = [e[0][1] if not s else [] for e, s in zip(encoded, skip)]
-            return {
-                "input_ids": ids,
-                "labels": labels,
-                "num_response_tokens": [sum(t != IGNORE_INDEX for t in lab) for lab in labels],
-                SOURCE_ROW_COLUMN: list(indices),
-                _SKIP_COLUMN: skip,
-            }
-        out: dict[str, list] = {SOURCE_ROW_COLUMN: list(indices), _SKIP_COLUMN: skip}
-        for j, side in enumerate(("chosen", "rejected")):
-            out[f"{side}_input_ids"] = [e[j][0] if not s else [] for e, s in zip(encoded, skip)]
-            out[f"{side}_labels"] = [e[j][1] if not s else [] for e, s in zip(encoded, skip)]
+            out["num_response_tokens"] = [sum(t != IGNORE_INDEX for t in lab) for lab in out["labels"]]
         return out
 
     return fn
@@ -752,9 +847,14 @@ def _load_one(
             f"{raw.name}: max_length={cfg.max_length} / max_prompt_length={cfg.max_prompt_length} "
             "are too small; use max_length >= 2 and max_prompt_length >= 1."
         )
-    template = getattr(cfg, "prompt_template", None)
-    if kind == "sft" and fmt != "messages":
-        format_sft_row(raw.first(), fmt, template)  # fail early on a bad template
+    template, use_chat = cfg.prompt_template, cfg.use_chat_template
+    _check_prompt_template(template, fmt, raw.name)
+    if use_chat and not has_chat_template(tokenizer):
+        raise DataError(
+            f"{raw.name}: use_chat_template=True, but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '') or ''!r} has no chat template. Use a chat (instruct) "
+            "tokenizer, pass the data module's `chat_template`, or set use_chat_template=False."
+        )
     columns = list(_required_fields(fmt)) + list(_optional_fields(fmt))
     if raw.rows is not None:
         ds = datasets.Dataset.from_dict(
@@ -763,7 +863,7 @@ def _load_one(
     else:
         ds = raw.dataset
     enc = _Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, raw.name)
-    fn = _make_map_fn(kind, fmt, enc, template, columns)
+    fn = _make_map_fn(kind, fmt, enc, template, columns, use_chat)
     ds = ds.map(
         fn,
         batched=True,
@@ -776,16 +876,16 @@ def _load_one(
     reasons = Counter(ds[_SKIP_COLUMN])
     keys = SFT_SKIP_KEYS if kind == "sft" else PREFERENCE_SKIP_KEYS
     skipped = {k: reasons.get(k, 0) for k in keys}
+    skipped.update({k: reasons[k] for k in OPTIONAL_SKIP_KEYS if reasons.get(k)})
     n_total = len(ds)
     if any(skipped.values()):
         log.warning(
-            "%s: skipped %d of %d rows (%s). empty_response = no response tokens (empty text, or no "
-            "room left after the prompt: raise max_length or lower max_prompt_length); "
-            "identical_pair = chosen equals rejected; no_shared_prompt = the pair shares no prompt.",
+            "%s: skipped %d of %d rows (%s). %s.",
             raw.name,
             sum(skipped.values()),
             n_total,
             ", ".join(f"{k}={v}" for k, v in skipped.items() if v),
+            "; ".join(f"{k} = {SKIP_REASONS[k]}" for k, v in skipped.items() if v),
         )
         ds = ds.filter(lambda s: [x == "" for x in s], batched=True, input_columns=[_SKIP_COLUMN])
     ds = ds.remove_columns(_SKIP_COLUMN)

@@ -87,6 +87,19 @@ def length_grouped_order(
     return [i for b in batches + tail for i in b]
 
 
+def short_data_message(name: str, rows: int, batch_size: int, world_size: int = 1) -> str | None:
+    """A warning for a training set smaller than one global batch (else None): every batch then holds the same
+    rows, so training silently repeats them."""
+    global_batch = batch_size * world_size
+    if rows >= global_batch:
+        return None
+    return (
+        f"the {name} training set has {rows} row(s), fewer than one batch ({name}_batch_size={batch_size} x "
+        f"{world_size} process(es) = {global_batch}): every {name} batch holds the same {rows} row(s), so each "
+        f"{name} step trains on them again (an epoch is one step). Add data, or lower batching.{name}_batch_size."
+    )
+
+
 class _EpochBatchSampler(Sampler[list[int]]):
     """Batches of indices of one epoch of one process, starting at batch ``start``."""
 

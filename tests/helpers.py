@@ -89,3 +89,21 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
         callbacks=[RunSummary(print_table=False), *callbacks],
         **kwargs,
     )
+
+
+class PauseAfterFirstCheckpoint(pl.Callback):
+    """Holds a run at the first step after its first ``last.ckpt`` appeared, until the test kills it.
+
+    For kill-and-resume tests in a subprocess (``--trainer.callbacks+=tests.helpers.PauseAfterFirstCheckpoint``):
+    the process is killed at a known step whatever the machine's load, not in a race with the training loop.
+    Writes ``<default_root_dir>/paused`` when it starts waiting.
+    """
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        root = Path(trainer.default_root_dir)
+        if (root / "checkpoints" / "last.ckpt").exists():
+            (root / "paused").write_text(str(trainer.global_step))
+            while True:  # until SIGKILL
+                time.sleep(0.05)

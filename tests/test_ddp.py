@@ -172,7 +172,7 @@ def _launch(kind: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, lis
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=1800,  # generous: the machine may be heavily loaded; nothing here depends on timing
     )
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     _RUNS[kind] = proc, results

@@ -97,14 +97,16 @@ def _summary(root: Path) -> dict:
 
 
 class _Killer(threading.Thread):
-    """Starts one CLI run per method and SIGKILLs each as soon as its first checkpoint appears."""
+    """Starts one CLI run per method and SIGKILLs each once it has paused right after its first checkpoint
+    (:class:`helpers.PauseAfterFirstCheckpoint`): the kill lands at a known step, however loaded the machine."""
 
     def __init__(self, roots: dict[str, Path]) -> None:
         super().__init__(daemon=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        pause = ["--trainer.callbacks+=tests.helpers.PauseAfterFirstCheckpoint"]
         self.procs = {
             m: subprocess.Popen(
-                [sys.executable, "-m", "xright_pl", *_args(m, root)],
+                [sys.executable, "-m", "xright_pl", *_args(m, root), *pause],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -116,17 +118,17 @@ class _Killer(threading.Thread):
         self.killed: dict[str, bool] = {}
 
     def run(self) -> None:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 3600  # a safety net only: the runs pause until killed
         while len(self.killed) < len(self.procs) and time.monotonic() < deadline:
             for m, p in self.procs.items():
                 if m in self.killed:
                     continue
-                if (self.roots[m] / "checkpoints" / "last.ckpt").exists():
+                if (self.roots[m] / "paused").exists():
                     p.send_signal(signal.SIGKILL)
                     self.killed[m] = True
                 elif p.poll() is not None:
                     self.killed[m] = False  # exited before its first checkpoint
-            time.sleep(0.005)
+            time.sleep(0.05)
         for p in self.procs.values():
             if p.poll() is None:
                 p.kill()
@@ -156,7 +158,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_for_every_method(tmp_path,
             assert killer.killed.get(m) is True, f"{m}: the run ended before it could be killed:\n{stderr}"
             assert killer.procs[m].returncode == -signal.SIGKILL
             ckpt = killed_roots[m] / "checkpoints" / "last.ckpt"
-            assert EVERY <= checkpoint_step(ckpt) < STEPS
+            assert checkpoint_step(ckpt) == EVERY  # paused at the first step after its first checkpoint
             assert not (killed_roots[m] / "summary.json").exists()
             run([*_args(m, killed_roots[m]), "--ckpt_path", "last"])
             resumed, full = _summary(killed_roots[m]), uninterrupted[m]

@@ -324,38 +324,41 @@ def recorded_run(checkpoint: str) -> dict[str, str] | None:
 def find_run_config(checkpoint: str) -> str | None:
     """The ``config.yaml`` LightningCLI saved for the run of ``checkpoint``.
 
-    A checkpoint records the log folder of the run that wrote it: its ``config.yaml`` is used, also when the
-    run's root was moved (the same folder relative to the root, found next to the checkpoint). Otherwise
-    (older checkpoints) the config is looked for in the checkpoint's folder and the one above, each directly
-    or in a logger folder below it (``<root>/lightning_logs/version_N/config.yaml``): checkpoints sit in
-    ``<root>/checkpoints`` or ``<log dir>/checkpoints``. When several runs share the root, the one that was
-    running when the checkpoint was written is taken: the newest config not newer than the checkpoint file.
+    Looked for in the checkpoint's folder and the one above, each directly or in a logger folder below it
+    (``<root>/lightning_logs/version_N/config.yaml``): checkpoints sit in ``<root>/checkpoints`` or
+    ``<log dir>/checkpoints``. When several runs share the root, the checkpoint's own run is taken: the log
+    folder it recorded when it was written (also after the root was moved: the same folder relative to the
+    root); for a checkpoint without that record (older files), the run that was running when the file was
+    written (the newest config not newer than the checkpoint file).
     """
     ckpt = Path(checkpoint).resolve()
     folder = ckpt.parent
-    run = recorded_run(str(ckpt))
-    if run is not None:
-        log_dir = Path(run["log_dir"])
-        if (log_dir / "config.yaml").is_file():
-            return str(log_dir / "config.yaml")
-        if isinstance(run.get("root"), str):
-            rel = os.path.relpath(log_dir, run["root"])
-            for d in (folder, folder.parent):
-                if not rel.startswith("..") and (d / rel / "config.yaml").is_file():
-                    return str((d / rel / "config.yaml").resolve())
+    run = None
     for d in (folder, folder.parent):
-        found = sorted(d.glob("config.yaml")) or sorted(d.glob("*/*/config.yaml"))
-        if found:
-            written = ckpt.stat().st_mtime_ns
-            before = [p for p in found if p.stat().st_mtime_ns <= written]
-            if len(found) > 1:
-                log.warning(
-                    "%s records no run folder and %d runs share its folder: using the config of the run that was"
-                    " running when it was written (pass --config to choose)",
-                    checkpoint,
-                    len(found),
-                )
-            return str(max(before or found, key=lambda p: p.stat().st_mtime_ns))
+        direct, nested = sorted(d.glob("config.yaml")), sorted(d.glob("*/*/config.yaml"))
+        if not direct and not nested:
+            continue
+        run = run or recorded_run(str(ckpt)) or {}
+        if run:
+            own = [Path(run["log_dir"])]
+            if isinstance(run.get("root"), str):
+                rel = os.path.relpath(run["log_dir"], run["root"])
+                if not rel.startswith(".."):
+                    own.append(d / rel)
+            for p in direct + nested:
+                if any(p.parent.resolve() == o.resolve() for o in own):
+                    return str(p)
+        found = direct or nested
+        if len(found) > 1:
+            log.warning(
+                "%s: %d runs share its folder and the checkpoint records none of them: using the config of the run"
+                " that was running when it was written (pass --config to choose)",
+                checkpoint,
+                len(found),
+            )
+        written = ckpt.stat().st_mtime_ns
+        before = [p for p in found if p.stat().st_mtime_ns <= written]
+        return str(max(before or found, key=lambda p: p.stat().st_mtime_ns))
     return None
 
 
@@ -662,9 +665,10 @@ def generate(
         prompts: prompts file (.jsonl/.json/.parquet, ``builtin:`` asset or hub dataset): prompt-only rows
             (``instruction`` [+ ``input``], ``prompt``, ``messages``) or any SFT / preference format.
         output: the answers file (JSON) to write or resume.
-        config: the run's ``config.yaml`` (default for a checkpoint: the newest one in its folder or the folder
-            above, directly or two levels below them, e.g. ``lightning_logs/version_0``). It gives the model,
-            tokenizer, prompt template, chat template and max prompt length.
+        config: the run's ``config.yaml`` (default for a checkpoint: the one of the run that wrote it, in its
+            folder or the folder above, directly or two levels below them, e.g. ``lightning_logs/version_0``;
+            see :func:`find_run_config`). It gives the model, tokenizer, prompt template, chat template and max
+            prompt length.
         tokenizer: tokenizer to use instead of the folder's / the run's.
         reference: answer with the run's DPO reference model instead of the policy (checkpoints only):
             a baseline for ``python -m xright_pl judge``.
@@ -684,8 +688,9 @@ def generate(
         seed: seed of sampling; batch ``i`` (starting at prompt ``s``) samples under ``seed + s``, so a
             resumed run draws the same as an uninterrupted one with the same ``batch_size``.
         generator: the ``generator`` name written in the file (AlpacaEval's model name); default: the folder
-            name, or ``<run folder>-<checkpoint name>`` (``<root>-version_N-<checkpoint name>`` for a config in
-            a logger's version folder), with ``-reference`` for ``--reference true``.
+            name, or ``<run folder>-<checkpoint name>`` for the checkpoint's own run
+            (``<root>-version_N-<checkpoint name>`` for a config in a logger's version folder), with
+            ``-reference`` for ``--reference true``.
         dataset: the ``dataset`` field written in the file when the prompt row has none (default: the
             prompts file's name).
         device: ``cuda``, ``cpu``, ``cuda:1``, ... (default: cuda when available).

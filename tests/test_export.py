@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, TINY_LLAMA, demo_data, tiny_module, trainer
+from helpers import REPO, TINY_LLAMA, demo_data, need_extra, tiny_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xright_pl import Sequential, Single
@@ -81,6 +81,7 @@ def _trained_lora(tmp_path, selector, steps, model=None, **kw):
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_export_merged_and_unmerged(tmp_path, merge):
+    need_extra("peft")
     module = _trained_lora(tmp_path, Single("sft"), 3)
     expected = _logits(module.policy)
     out = save_policy(module.policy, tmp_path / "hf", merge_lora=merge)
@@ -101,6 +102,7 @@ def test_lora_export_merged_and_unmerged(tmp_path, merge):
 def test_sequential_lora_export_keeps_stage_one(tmp_path):
     """In one run with a stage-start reference, stage one's adapters are folded into the base at the switch;
     the end-of-fit export equals the final policy (stage one + stage two), not stage two's adapters alone."""
+    need_extra("peft")
     stage1 = {}
 
     class Spy(Sequential):
@@ -137,6 +139,7 @@ def test_sequential_lora_export_keeps_stage_one(tmp_path):
 def test_chained_runs_keep_stage_one(tmp_path):
     """Stage one (SFT, LoRA) exported merged; stage two starts from that folder with fresh adapters: its
     initial policy and reference are stage one's result, and its export contains both stages."""
+    need_extra("peft")
     s1 = _trained_lora(tmp_path / "s1", Single("sft"), 3)
     s1_logits = _logits(s1.policy)
     out1 = save_policy(s1.policy, tmp_path / "hf1")

@@ -244,6 +244,12 @@ def test_export_keeps_a_chat_models_end_of_turn_ids(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.generation_config.eos_token_id == [3, 7]
     assert eos_token_ids(loaded, AutoTokenizer.from_pretrained(out)) == [3, 7]
+    # A tokenizer without BOS (Qwen's) leaves the model's BOS as it was.
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    out = save_policy(build_causal_lm(config=dict(TINY_LLAMA), seed=0), tmp_path / "nobos", tok)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (1, 3, 0)
 
 
 def test_export_initial_model_from_config(tmp_path):

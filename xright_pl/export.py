@@ -50,26 +50,28 @@ def special_token_ids(policy: nn.Module, tokenizer: Any) -> dict[str, Any]:
 def write_special_tokens(out: Path, ids: dict[str, Any]) -> None:
     """Write ``ids`` (see :func:`special_token_ids`) into ``config.json`` and ``generation_config.json`` of an
     exported folder. ``config.json`` gets the tokenizer's single EOS (the model config's usual form), the
-    generation config every id generation stops on. The generation config is marked as the model's own (not
-    derived from the model config), so ``generate`` uses it as it is."""
+    generation config every id generation stops on; ids the tokenizer lacks (None) keep the model's value.
+    The generation config is marked as the model's own (not derived from the model config), so ``generate``
+    uses it as it is."""
     import json
 
     from transformers import GenerationConfig
 
     cfg_path = out / "config.json"
+    ids = {k: v for k, v in ids.items() if v is not None}  # a tokenizer without BOS keeps the model's
     cfg = json.loads(cfg_path.read_text())
-    eos = ids["eos_token_id"]
-    for key, value in ids.items():
-        cfg[key] = value[0] if key == "eos_token_id" and isinstance(value, list) else value
+    single = {k: v[0] if isinstance(v, list) else v for k, v in ids.items()}
+    cfg.update(single)
     # Nested text configs (multimodal models) carry their own copies.
     if isinstance(cfg.get("text_config"), dict):
-        cfg["text_config"].update({k: cfg[k] for k in ids})
+        cfg["text_config"].update(single)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     try:
         gen = GenerationConfig.from_pretrained(str(out))
     except OSError:  # the model saved none
         gen = GenerationConfig()
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = ids["bos_token_id"], eos, ids["pad_token_id"]
+    for key, value in ids.items():
+        setattr(gen, key, value)
     gen._from_model_config = False
     gen.save_pretrained(str(out))
 

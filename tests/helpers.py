@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 
 from xright_pl import Batching, JointDataModule, PreferenceData, RunSummary, SFTData, XRightModule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: Optional extras of pyproject.toml that tests use: module -> extra.
+EXTRAS = {"peft": "lora", "matplotlib": "plot", "trl": "benchmarks"}
+
+
+def has_extra(module: str) -> bool:
+    """Whether the optional module (see :data:`EXTRAS`) is installed."""
+    return importlib.util.find_spec(module) is not None
+
+
+def need_extra(module: str):
+    """Skip the calling test (or test module, at import) when an optional extra is not installed."""
+    extra = EXTRAS[module]
+    reason = f"needs {module}, from the optional extra {extra!r}: pip install 'xright_pl[{extra}]'"
+    return pytest.importorskip(module, reason=reason)
+
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, TINY_LLAMA, demo_data, tiny_module, trainer
+from helpers import REPO, TINY_LLAMA, demo_data, need_extra, tiny_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xright_pl import Sequential, Single
@@ -81,6 +81,7 @@ def _trained_lora(tmp_path, selector, steps, model=None, **kw):
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_export_merged_and_unmerged(tmp_path, merge):
+    need_extra("peft")
     module = _trained_lora(tmp_path, Single("sft"), 3)
     expected = _logits(module.policy)
     out = save_policy(module.policy, tmp_path / "hf", merge_lora=merge)
@@ -101,6 +102,7 @@ def test_lora_export_merged_and_unmerged(tmp_path, merge):
 def test_sequential_lora_export_keeps_stage_one(tmp_path):
     """In one run with a stage-start reference, stage one's adapters are folded into the base at the switch;
     the end-of-fit export equals the final policy (stage one + stage two), not stage two's adapters alone."""
+    need_extra("peft")
     stage1 = {}
 
     class Spy(Sequential):
@@ -137,6 +139,7 @@ def test_sequential_lora_export_keeps_stage_one(tmp_path):
 def test_chained_runs_keep_stage_one(tmp_path):
     """Stage one (SFT, LoRA) exported merged; stage two starts from that folder with fresh adapters: its
     initial policy and reference are stage one's result, and its export contains both stages."""
+    need_extra("peft")
     s1 = _trained_lora(tmp_path / "s1", Single("sft"), 3)
     s1_logits = _logits(s1.policy)
     out1 = save_policy(s1.policy, tmp_path / "hf1")
@@ -155,6 +158,98 @@ def test_chained_runs_keep_stage_one(tmp_path):
     base = tiny_module(Single("dpo"))
     base.configure_model()
     assert (loaded - _logits(base.policy)).abs().max() > (loaded - s1_logits).abs().max()
+
+
+def _demo_rows(n: int) -> list[dict]:
+    lines = (REPO / "xright_pl/assets/demo/sft_eval.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines[:n]]
+
+
+def test_exported_folder_generates_like_xright_pl_generate_in_plain_transformers(tmp_path):
+    """Issue 11 (2): the export carries the tokenizer's special-token ids (demo: bos 2, eos 3, pad 0; the
+    Llama config defaults are bos 1, eos 2), so greedy `model.generate` in plain transformers, on the folder
+    alone, gives token for token what `xright_pl generate` gives on the checkpoint, and stops at EOS."""
+    from xright_pl.generate import generate
+
+    root = tmp_path / "run"
+    run(
+        [
+            "fit", "--config", str(REPO / "configs/demo/sft_only.yaml"), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", "200", "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--summary.print_table", "false",
+            "--trajectory.enabled", "false", "--data.preference.limit", "64",
+        ]
+    )  # fmt: skip
+    ckpt = root / "checkpoints" / "last.ckpt"
+    out = tmp_path / "hf"
+    run(["export", "--checkpoint", str(ckpt), "--out_dir", str(out)])
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert ids == (2, 3, 0)
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((out / name).read_text())
+        assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == ids, name
+
+    rows = _demo_rows(8)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    generate(str(ckpt), str(prompts), str(tmp_path / "a.json"), max_new_tokens=16, progress=False)
+    answers = [a["output"] for a in json.loads((tmp_path / "a.json").read_text())]
+    assert len(set(answers)) > 1  # the trained model answers different prompts differently
+
+    # Plain transformers, nothing but the folder: the run's prompt form, default generation settings (greedy).
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    template = "Human: {instruction} {input} Assistant:"
+    for row, answer in zip(rows, answers):
+        enc = tok(template.format(**row), return_tensors="pt")
+        assert enc.input_ids[0, 0].item() == tok.bos_token_id
+        with torch.no_grad():
+            full = model.generate(**enc, max_new_tokens=16)
+        new = full[0, enc.input_ids.shape[1] :].tolist()
+        assert new[-1] == tok.eos_token_id and tok.eos_token_id not in new[:-1], tok.decode(new)  # stopped at EOS
+        assert new[:-1] == tok(answer, add_special_tokens=False).input_ids, (tok.decode(new), answer)
+
+
+def test_export_on_fit_end_writes_the_tokenizer_special_tokens(tmp_path):
+    module = tiny_module(Single("sft"))
+    cb = ExportOnFitEnd(dirpath=str(tmp_path / "hf"))
+    data = demo_data(limit=32)
+    trainer(tmp_path, 1, callbacks=[cb]).fit(module, datamodule=data)
+    tok = data.tokenizer
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((cb.path / name).read_text())
+        assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (2, 3, 0), name
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 3, 0)
+    # The live policy's own configs are untouched (the callback exported without a copy).
+    assert module.policy.config.eos_token_id != 3
+
+
+def test_export_keeps_a_chat_models_end_of_turn_ids(tmp_path):
+    """A chat model whose own generation config ends turns with another token than the tokenizer's EOS (e.g.
+    `<|im_end|>`; here id 7): `xright_pl generate` stops on both, so the exported generation config lists both
+    (config.json keeps the tokenizer's EOS) and a reload stops on the same ids."""
+    from transformers import GenerationConfig
+
+    from xright_pl.data.sources import load_tokenizer
+    from xright_pl.generate import eos_token_ids
+    from xright_pl.models import build_causal_lm
+
+    tok = load_tokenizer("builtin:demo/tokenizer")
+    model = build_causal_lm(config=dict(TINY_LLAMA), seed=0)
+    model.generation_config = GenerationConfig(eos_token_id=[7, 3], bos_token_id=2)
+    assert eos_token_ids(model, tok) == [3, 7]
+    out = save_policy(model, tmp_path / "hf", tok)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [3, 7]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 3
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.generation_config.eos_token_id == [3, 7]
+    assert eos_token_ids(loaded, AutoTokenizer.from_pretrained(out)) == [3, 7]
+    # A tokenizer without BOS (Qwen's) leaves the model's BOS as it was.
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    out = save_policy(build_causal_lm(config=dict(TINY_LLAMA), seed=0), tmp_path / "nobos", tok)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (1, 3, 0)
 
 
 def test_export_initial_model_from_config(tmp_path):

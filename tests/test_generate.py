@@ -327,6 +327,77 @@ def test_find_run_config_layouts(tmp_path):
     assert find_run_config(str(deep)) is None
 
 
+def test_checkpoint_is_named_after_its_own_run_when_two_runs_share_a_root(tmp_path):
+    """Issue 11 (4): two runs in one root (lightning_logs/version_0 and version_1, one checkpoints folder). A
+    checkpoint of version_0 is answered with version_0's config and named after it, also when its file is newer
+    than version_1's config (copied, touched): the checkpoint records its run."""
+    root = tmp_path / "demo"
+
+    def fit(hidden: int):
+        run(
+            ["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(root),
+             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+             "false", "--summary.print_table", "false", "--trajectory.enabled", "false", "--data.sft.limit", "32",
+             "--data.preference.limit", "32", "--model.model_config.hidden_size", str(hidden)]
+        )  # fmt: skip
+
+    fit(64)
+    first = root / "checkpoints" / "run0.ckpt"
+    (root / "checkpoints" / "last.ckpt").rename(first)
+    fit(32)  # another shape: version_1's config cannot load version_0's weights
+    logs = root / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]
+    assert find_run_config(str(first)) == str(logs / "version_0" / "config.yaml")
+    assert find_run_config(str(root / "checkpoints" / "last.ckpt")) == str(logs / "version_1" / "config.yaml")
+    os.utime(first)  # now newer than both configs: the recorded run decides, not the file times
+    res = generate(str(first), "builtin:demo/sft_eval.jsonl", str(tmp_path / "a.json"), limit=2,
+                   max_new_tokens=2, progress=False)  # fmt: skip
+    assert res["generator"] == "demo-version_0-run0"
+    assert {r["generator"] for r in json.loads((tmp_path / "a.json").read_text())} == {"demo-version_0-run0"}
+    res = generate(str(root / "checkpoints" / "last.ckpt"), "builtin:demo/sft_eval.jsonl", str(tmp_path / "b.json"),
+                   limit=2, max_new_tokens=2, progress=False)  # fmt: skip
+    assert res["generator"] == "demo-version_1-last"
+    # The whole root moved elsewhere: the run is found at the same place relative to the checkpoint.
+    moved = tmp_path / "moved" / "demo"
+    moved.parent.mkdir()
+    root.rename(moved)
+    assert find_run_config(str(moved / "checkpoints" / "run0.ckpt")) == str(
+        moved / "lightning_logs" / "version_0" / "config.yaml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompts", "{empty}"], r"--prompts .*empty\.jsonl.*no prompts"),
+        (["--prompts", "{empty_list}"], r"--prompts .*empty_list\.json.*no prompts"),
+        (["--prompts", "builtin:demo/sft_eval.jsonl", "--limit", "0"], r"--limit 0.*no prompts"),
+        (["--prompts", "builtin:demo/sft_eval.jsonl", "--max_new_tokens", "0"], r"--max_new_tokens 0.*at least 1"),
+    ],
+)
+def test_cli_no_prompts_or_no_new_tokens_is_a_clear_error(tmp_path, capsys, monkeypatch, exported, args, message):
+    """Issue 11 (6): an empty prompts file, --limit 0 and --max_new_tokens 0 are errors (exit 2, one paragraph
+    naming the option), raised before the model is loaded, and no output file is written."""
+    import re
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty_list.json").write_text("[]")
+    args = [a.format(empty=tmp_path / "empty.jsonl", empty_list=tmp_path / "empty_list.json") for a in args]
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("xright_pl.generate.load_generator", no_load)
+    out = tmp_path / "o.json"
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", exported, "--output", str(out), "--progress", "false", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xright_pl: error: ") and "\n" not in err, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
 def test_cli_help_and_user_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(["generate", "--help"])

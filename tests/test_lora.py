@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, demo_data, tiny_module, trainer
+from helpers import TINY_LLAMA, demo_data, need_extra, tiny_module, trainer
 
 from xright_pl import Maxright, Sequential, Single
 from xright_pl.callbacks import weights_sha256
@@ -35,6 +35,7 @@ def _adapter_params(hidden: int, q_out: int, v_out: int, layers: int, r: int) ->
 def test_one_base_model_and_adapter_count():
     """Tiny Llama: hidden 32, 4 heads of 8, 2 KV heads -> q_proj 32->32, v_proj 32->16; 2 layers, r=4:
     2 * (4*(32+32) + 4*(32+16)) = 2 * (256 + 192) = 896 adapter weights."""
+    need_extra("peft")
     module = tiny_module(lora=QV)
     module.configure_model()
     base_total = parameter_counts(build_causal_lm(None, dict(TINY_LLAMA)))["total"]
@@ -54,6 +55,7 @@ def test_one_base_model_and_adapter_count():
 
 
 def _fit(tmp_path, selector, steps, **kwargs):
+    need_extra("peft")  # the tests that train adapters skip without the lora extra
     module = tiny_module(selector, lora=kwargs.pop("lora", QV), **kwargs)
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
@@ -125,6 +127,7 @@ def test_sequential_stage_start_folds_stage_one_into_the_base(tmp_path):
 
 
 def test_bad_target_modules_name_the_model_layers():
+    need_extra("peft")
     module = tiny_module(lora=LoraSettings(r=4, target_modules=["query_key_value"]))
     with pytest.raises(ConfigError, match=r"q_proj"):
         module.configure_model()

@@ -10,6 +10,7 @@ from helpers import REPO, demo_data, tiny_module, trainer
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl import Maxright
+from xright_pl.assets import resolve
 from xright_pl.cli import run
 from xright_pl.errors import ConfigError
 from xright_pl.optimum import Optimum, load_optimum, optimum_from_summaries, write_optimum
@@ -79,7 +80,7 @@ def test_optimum_command_runs_both_fits_and_maxright_reads_the_file(tmp_path, mo
     data = json.loads(out.read_text())
     assert data["f_sft_star"] == sft_summary["val/sft_loss"]
     assert data["f_dpo_star"] == dpo_summary["val/dpo_loss"]
-    assert data["beta"] == 0.1 and data["sources"]["sft"]["config"] == "configs/demo/sft_only.yaml"
+    assert data["beta"] == 0.1 and data["sources"]["sft"]["config"] == "builtin:configs/demo/sft_only.yaml"
     assert result["path"] == str(out)
     again = tmp_path / "again.json"
     run(
@@ -96,6 +97,30 @@ def test_optimum_command_runs_both_fits_and_maxright_reads_the_file(tmp_path, mo
     assert json.loads(again.read_text())["f_sft_star"] == data["f_sft_star"]
     sel = Maxright(optimum_file=str(out))
     assert not sel.online and sel.f_star == {"sft": data["f_sft_star"], "dpo": data["f_dpo_star"]}
+
+
+@pytest.mark.parametrize("name", ["sft_only.yaml", "dpo_only.yaml"])
+def test_packaged_default_configs_are_the_repositorys(name):
+    """Issue 11 (9): the command's default configs ship in the package; they are the repository's
+    configs/demo files byte for byte (edit both together)."""
+    packaged = resolve(f"builtin:configs/demo/{name}")
+    assert packaged.startswith(str(REPO / "xright_pl" / "assets"))
+    assert open(packaged, "rb").read() == (REPO / "configs" / "demo" / name).read_bytes()
+
+
+def test_optimum_command_defaults_work_from_any_folder(tmp_path, monkeypatch):
+    """Issue 11 (9): from a folder without configs/ the default configs resolve to the packaged ones and the
+    two (tiny) fits run; a missing config given by hand is a clear error naming the option."""
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "configs").exists()
+    result = run(["optimum", "--out", "opt.json", "--workdir", "w", "--overrides", json.dumps(TINY)])
+    assert result["sources"]["sft"]["config"] == "builtin:configs/demo/sft_only.yaml"
+    assert result["sources"]["dpo"]["config"] == "builtin:configs/demo/dpo_only.yaml"
+    for single in ("sft_only", "dpo_only"):
+        assert json.loads((tmp_path / "w" / single / "summary.json").read_text())["selector"] == single
+    assert load_optimum(tmp_path / "opt.json").beta == 0.1
+    with pytest.raises(ConfigError, match=r"sft_config 'configs/demo/sft_only.yaml' not found.*builtin:configs"):
+        run(["optimum", "--sft_config", "configs/demo/sft_only.yaml", "--overrides", json.dumps(TINY)])
 
 
 def test_committed_demo_optimum_matches_the_demo_configs():

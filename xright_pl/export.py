@@ -31,6 +31,51 @@ from xright_pl.models import _DTYPES
 log = logging.getLogger(__name__)
 
 
+def special_token_ids(policy: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The special-token ids an exported folder must carry so that ``transformers`` generates (and stops) as
+    ``python -m xright_pl generate`` does: the tokenizer's BOS and PAD, and as EOS the ids generation stops on
+    (:func:`xright_pl.generate.eos_token_ids`: the tokenizer's EOS plus the end-of-turn ids of a chat model's
+    own generation config, e.g. ``<|im_end|>``). ``eos_token_id`` is a list when there are several."""
+    from xright_pl.generate import eos_token_ids
+
+    eos = eos_token_ids(policy, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+        "pad_token_id": pad,
+    }
+
+
+def write_special_tokens(out: Path, ids: dict[str, Any]) -> None:
+    """Write ``ids`` (see :func:`special_token_ids`) into ``config.json`` and ``generation_config.json`` of an
+    exported folder. ``config.json`` gets the tokenizer's single EOS (the model config's usual form), the
+    generation config every id generation stops on; ids the tokenizer lacks (None) keep the model's value.
+    The generation config is marked as the model's own (not derived from the model config), so ``generate``
+    uses it as it is."""
+    import json
+
+    from transformers import GenerationConfig
+
+    cfg_path = out / "config.json"
+    ids = {k: v for k, v in ids.items() if v is not None}  # a tokenizer without BOS keeps the model's
+    cfg = json.loads(cfg_path.read_text())
+    single = {k: v[0] if isinstance(v, list) else v for k, v in ids.items()}
+    cfg.update(single)
+    # Nested text configs (multimodal models) carry their own copies.
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"].update(single)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    try:
+        gen = GenerationConfig.from_pretrained(str(out))
+    except OSError:  # the model saved none
+        gen = GenerationConfig()
+    for key, value in ids.items():
+        setattr(gen, key, value)
+    gen._from_model_config = False
+    gen.save_pretrained(str(out))
+
+
 def save_policy(
     policy: nn.Module,
     out_dir: str | os.PathLike,
@@ -40,11 +85,14 @@ def save_policy(
 ) -> Path:
     """Write ``policy`` (a ``transformers`` or ``peft`` model) and ``tokenizer`` to ``out_dir`` with
     ``save_pretrained`` (safetensors). ``policy`` is modified when it carries LoRA adapters (pass a copy to
-    keep it). Returns the folder."""
+    keep it). With a tokenizer, ``config.json`` and ``generation_config.json`` get its special-token ids (see
+    :func:`special_token_ids`), so ``model.generate`` stops where ``python -m xright_pl generate`` does.
+    Returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(k for k in _DTYPES if k)} or null, got {dtype!r}")
+    ids = special_token_ids(policy, tokenizer) if tokenizer is not None else None
     model = policy
     if is_lora(policy):
         if merge_lora:
@@ -57,21 +105,20 @@ def save_policy(
     model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        write_special_tokens(out, ids)
     return out
 
 
 def _run_config(checkpoint: str | None, config: str | None) -> dict[str, Any]:
-    """The run's config: ``config`` if given, else ``config.yaml`` of the checkpoint's log directory."""
+    """The run's config: ``config`` if given, else the ``config.yaml`` of the run that wrote the checkpoint
+    (see :func:`xright_pl.generate.find_run_config`)."""
     if config is None and checkpoint is not None:
-        # LightningCLI saves config.yaml in the logger's folder (e.g. <root>/lightning_logs/version_0) and the
-        # checkpoints usually sit in <root>/checkpoints or <log_dir>/checkpoints: look up to two levels up.
-        ckpt = Path(checkpoint).resolve()
-        for folder in ckpt.parents[:2]:
-            found = sorted(folder.glob("config.yaml")) or sorted(folder.glob("*/*/config.yaml"))
-            if found:
-                config = str(max(found, key=lambda p: p.stat().st_mtime))
-                log.info("using the run config %s", config)
-                break
+        from xright_pl.generate import find_run_config
+
+        # The config of the run that wrote the checkpoint (recorded in it; else found next to it).
+        config = find_run_config(checkpoint)
+        if config is not None:
+            log.info("using the run config %s", config)
     if config is None:
         return {}
     if not Path(config).is_file():

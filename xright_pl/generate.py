@@ -306,18 +306,59 @@ class LoadedGenerator:
     name: str
 
 
+def recorded_run(checkpoint: str) -> dict[str, str] | None:
+    """The run folders a checkpoint recorded when it was written (``{"log_dir", "root"}``, see
+    :func:`xright_pl.module.run_folders`); None for a file without them (older checkpoints, other files).
+    The file is memory-mapped, so its tensors are not read."""
+    from xright_pl.lora import LoraSettings
+
+    try:
+        with torch.serialization.safe_globals([LoraSettings]):
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not readable as a checkpoint here: fall back to the folder layout
+        return None
+    run = (ckpt.get("xright_pl") or {}).get("run") if isinstance(ckpt, dict) else None
+    return run if isinstance(run, dict) and isinstance(run.get("log_dir"), str) else None
+
+
 def find_run_config(checkpoint: str) -> str | None:
     """The ``config.yaml`` LightningCLI saved for the run of ``checkpoint``.
 
-    Looked for in the checkpoint's folder and the one above, each directly or in a logger folder
-    below it (``<root>/lightning_logs/version_N/config.yaml``, the newest when there are several): checkpoints
-    sit in ``<root>/checkpoints`` or ``<log dir>/checkpoints``.
+    Looked for in the checkpoint's folder and the one above, each directly or in a logger folder below it
+    (``<root>/lightning_logs/version_N/config.yaml``): checkpoints sit in ``<root>/checkpoints`` or
+    ``<log dir>/checkpoints``. When several runs share the root, the checkpoint's own run is taken: the log
+    folder it recorded when it was written (also after the root was moved: the same folder relative to the
+    root); for a checkpoint without that record (older files), the run that was running when the file was
+    written (the newest config not newer than the checkpoint file).
     """
-    folder = Path(checkpoint).resolve().parent
+    ckpt = Path(checkpoint).resolve()
+    folder = ckpt.parent
+    run = None
     for d in (folder, folder.parent):
-        found = sorted(d.glob("config.yaml")) or sorted(d.glob("*/*/config.yaml"))
-        if found:
-            return str(max(found, key=lambda p: p.stat().st_mtime))
+        direct, nested = sorted(d.glob("config.yaml")), sorted(d.glob("*/*/config.yaml"))
+        if not direct and not nested:
+            continue
+        run = run or recorded_run(str(ckpt)) or {}
+        if run:
+            own = [Path(run["log_dir"])]
+            if isinstance(run.get("root"), str):
+                rel = os.path.relpath(run["log_dir"], run["root"])
+                if not rel.startswith(".."):
+                    own.append(d / rel)
+            for p in direct + nested:
+                if any(p.parent.resolve() == o.resolve() for o in own):
+                    return str(p)
+        found = direct or nested
+        if len(found) > 1:
+            log.warning(
+                "%s: %d runs share its folder and the checkpoint records none of them: using the config of the run"
+                " that was running when it was written (pass --config to choose)",
+                checkpoint,
+                len(found),
+            )
+        written = ckpt.stat().st_mtime_ns
+        before = [p for p in found if p.stat().st_mtime_ns <= written]
+        return str(max(before or found, key=lambda p: p.stat().st_mtime_ns))
     return None
 
 
@@ -558,6 +599,34 @@ def _check_settings(output: str, settings: dict[str, Any], fresh: bool) -> None:
         )
 
 
+def _check_request(prompts: str, split: str | None, limit: int | None, max_new_tokens: int, batch_size: int) -> None:
+    """Refuse, before the model is loaded, a request that would answer nothing: no new tokens, no prompts."""
+    if max_new_tokens < 1:
+        raise DataError(
+            f"--max_new_tokens {max_new_tokens}: an answer needs at least 1 new token, so nothing would be generated."
+            " Give --max_new_tokens 1 or more (default 256)."
+        )
+    if batch_size < 1:
+        raise DataError(f"--batch_size {batch_size}: a batch holds at least 1 prompt. Give --batch_size 1 or more.")
+    if limit is not None and limit < 1:
+        raise DataError(
+            f"--limit {limit}: there would be no prompts to answer. Give --limit 1 or more, or leave it out to answer"
+            " every prompt."
+        )
+    try:
+        _read_source(prompts, split, 1)
+    except DataError as e:
+        text = str(e)
+        if "empty" not in text and "no rows" not in text:
+            raise
+        reason = text.split(". Point `path`")[0].split(": ", 1)[-1]
+        raise DataError(
+            f"--prompts {prompts}: there are no prompts to answer ({reason}). Give a prompts file with at least one"
+            " row: .jsonl/.json/.parquet with `instruction` [+ `input`], `prompt` or `messages`, any SFT or"
+            " preference format, or a hub dataset."
+        ) from None
+
+
 def generate(
     model: str,
     prompts: str,
@@ -596,9 +665,10 @@ def generate(
         prompts: prompts file (.jsonl/.json/.parquet, ``builtin:`` asset or hub dataset): prompt-only rows
             (``instruction`` [+ ``input``], ``prompt``, ``messages``) or any SFT / preference format.
         output: the answers file (JSON) to write or resume.
-        config: the run's ``config.yaml`` (default for a checkpoint: the newest one in its folder or the folder
-            above, directly or two levels below them, e.g. ``lightning_logs/version_0``). It gives the model,
-            tokenizer, prompt template, chat template and max prompt length.
+        config: the run's ``config.yaml`` (default for a checkpoint: the one of the run that wrote it, in its
+            folder or the folder above, directly or two levels below them, e.g. ``lightning_logs/version_0``;
+            see :func:`find_run_config`). It gives the model, tokenizer, prompt template, chat template and max
+            prompt length.
         tokenizer: tokenizer to use instead of the folder's / the run's.
         reference: answer with the run's DPO reference model instead of the policy (checkpoints only):
             a baseline for ``python -m xright_pl judge``.
@@ -610,7 +680,7 @@ def generate(
             format's data; no limit for an exported folder).
         limit: answer only the first N prompts.
         split: split of a hub dataset of prompts (default ``train``).
-        max_new_tokens: most tokens generated per answer.
+        max_new_tokens: most tokens generated per answer (at least 1).
         batch_size: prompts per generation batch (left-padded).
         do_sample: sample instead of greedy decoding (greedy is the default and is deterministic).
         temperature: sampling temperature (with ``do_sample``).
@@ -618,8 +688,9 @@ def generate(
         seed: seed of sampling; batch ``i`` (starting at prompt ``s``) samples under ``seed + s``, so a
             resumed run draws the same as an uninterrupted one with the same ``batch_size``.
         generator: the ``generator`` name written in the file (AlpacaEval's model name); default: the folder
-            name, or ``<run folder>-<checkpoint name>`` (``<root>-version_N-<checkpoint name>`` for a config in
-            a logger's version folder), with ``-reference`` for ``--reference true``.
+            name, or ``<run folder>-<checkpoint name>`` for the checkpoint's own run
+            (``<root>-version_N-<checkpoint name>`` for a config in a logger's version folder), with
+            ``-reference`` for ``--reference true``.
         dataset: the ``dataset`` field written in the file when the prompt row has none (default: the
             prompts file's name).
         device: ``cuda``, ``cpu``, ``cuda:1``, ... (default: cuda when available).
@@ -634,8 +705,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise DataError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}.")
+    _check_request(prompts, split, limit, max_new_tokens, batch_size)
     loaded = load_generator(model, config, tokenizer, reference, device, dtype, weights_only, trust_remote_code)
     data_cfg = (loaded.run_config or {}).get("data") or {}
     from_run = prompt_template is None

@@ -721,6 +721,7 @@ class XRightModule(pl.LightningModule):
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
             "reevaluated_forwards": self.reevaluated_forwards,
             "last_weights": dict(self._last_weights),
+            "run": run_folders(self._trainer),
         }
         if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
             # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
@@ -750,3 +751,27 @@ class XRightModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+def run_folders(trainer: pl.Trainer | None) -> dict[str, str] | None:
+    """The folders of the run writing a checkpoint: ``log_dir`` (where LightningCLI saves the run's
+    ``config.yaml``: the logger's version folder, or ``default_root_dir`` without a logger) and ``root``
+    (``default_root_dir``). Recorded in every checkpoint so ``generate`` and ``export`` find the run a
+    checkpoint belongs to when several runs share one root (and one ``checkpoints`` folder). ``Trainer.log_dir``
+    without its broadcast (every rank computes the same)."""
+    import os
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer is None:
+        return None
+    loggers = trainer.loggers
+    if not loggers:
+        log_dir = trainer.default_root_dir
+    elif isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+        log_dir = loggers[0].log_dir
+    else:
+        log_dir = loggers[0].save_dir
+    if not log_dir:
+        return None
+    return {"log_dir": os.path.abspath(log_dir), "root": os.path.abspath(trainer.default_root_dir)}

@@ -6,8 +6,9 @@ are the validation losses the module logs, so they use exactly the training norm
 the response tokens of the whole validation set (SFT), mean sigmoid DPO loss over its pairs with the run's
 ``beta`` (DPO).
 
-``python -m xright_pl optimum`` runs the two single-objective fits from configs (or reads the
-``summary.json`` of runs you already have) and writes a small JSON file::
+``python -m xright_pl optimum`` runs the two single-objective fits from configs (by default the demo's
+``builtin:configs/demo/sft_only.yaml`` and ``dpo_only.yaml``, shipped in the package), or reads the
+``summary.json`` of runs you already have, and writes a small JSON file::
 
     {"f_sft_star": 0.39, "f_dpo_star": 0.17, "beta": 0.1, "sources": {...}}
 
@@ -30,6 +31,9 @@ from xright_pl.errors import ConfigError
 #: The validation metric that gives each objective's optimum, and the selector that must have produced it.
 METRIC = {"sft": "val/sft_loss", "dpo": "val/dpo_loss"}
 SINGLE = {"sft": "sft_only", "dpo": "dpo_only"}
+#: The default single-objective configs: packaged copies of the repository's ``configs/demo/*_only.yaml``
+#: (``xright_pl/assets/configs/demo/``, kept identical by a test), so the command works from any folder.
+DEFAULT_CONFIG = {"sft": "builtin:configs/demo/sft_only.yaml", "dpo": "builtin:configs/demo/dpo_only.yaml"}
 
 
 @dataclass(frozen=True)
@@ -173,10 +177,15 @@ def _fit_single(config: str, objective: str, root: Path, overrides: list[str]) -
     from xright_pl.callbacks import RunSummary
     from xright_pl.cli import run
 
-    if not Path(config).is_file():
-        raise ConfigError(f"config {config!r} not found (relative to {os.getcwd()!r}).")
+    path = resolve(config)
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"{objective}_config {config!r} not found (relative paths are relative to the working directory"
+            f" {os.getcwd()!r}). Give a config file, or leave --{objective}_config out for the packaged demo config"
+            f" {DEFAULT_CONFIG[objective]!r}."
+        )
     selector = json.dumps({"class_path": "xright_pl.Single", "init_args": {"objective": objective}})
-    args = ["fit", "--config", config, f"--model.selector={selector}", f"--trainer.default_root_dir={root}"]
+    args = ["fit", "--config", path, f"--model.selector={selector}", f"--trainer.default_root_dir={root}"]
     args += [a if a.startswith("--") else f"--{a}" for a in overrides]
     cli = run(args)
     summary = next(c for c in cli.trainer.callbacks if isinstance(c, RunSummary)).summary
@@ -187,8 +196,8 @@ def _fit_single(config: str, objective: str, root: Path, overrides: list[str]) -
 
 def optimum(
     out: str = "optimum.json",
-    sft_config: str | None = "configs/demo/sft_only.yaml",
-    dpo_config: str | None = "configs/demo/dpo_only.yaml",
+    sft_config: str | None = DEFAULT_CONFIG["sft"],
+    dpo_config: str | None = DEFAULT_CONFIG["dpo"],
     sft_summary: str | None = None,
     dpo_summary: str | None = None,
     overrides: list[str] | None = None,
@@ -204,8 +213,11 @@ def optimum(
 
     Args:
         out: JSON file to write (``{"f_sft_star", "f_dpo_star", "beta", "sources"}``).
-        sft_config: config of the SFT-only fit (any config: its selector is replaced).
-        dpo_config: config of the DPO-only fit (any config: its selector is replaced).
+        sft_config: config of the SFT-only fit (any config: its selector is replaced). The default is the
+            packaged copy of the repository's ``configs/demo/sft_only.yaml`` (``builtin:`` assets work from
+            any working directory).
+        dpo_config: config of the DPO-only fit (any config: its selector is replaced); default: the packaged
+            ``configs/demo/dpo_only.yaml``.
         sft_summary: summary.json of a finished SFT-only run (instead of running sft_config).
         dpo_summary: summary.json of a finished DPO-only run (instead of running dpo_config).
         overrides: options applied to both fits, e.g. ``[trainer.max_steps=300, model.seed=1]``.

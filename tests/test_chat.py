@@ -329,3 +329,31 @@ def test_data_smaller_than_a_batch_warns_once(tiny_tokenizer, tmp_path, caplog):
     assert len(warns) == 1, warns  # dpo: 4 pairs fill a batch of 4
     assert "sft training set has 1 row(s)" in warns[0] and "sft_batch_size=8" in warns[0]
     assert "batching.sft_batch_size" in warns[0]
+
+
+# ---------------------------------------------------------------------------------- generation = training prompt
+
+
+@pytest.mark.parametrize("variant", ["tiny", "smol_like"])
+def test_generation_prompts_are_the_training_prompts(variant, tiny_tokenizer, smol_like, shared_data, tmp_path):
+    """``generate`` builds a prompt token for token as training does: long multi-turn chat prompts fitted by
+    whole turns (not cut from the left), and HH text prompts through the chat template with use_chat_template."""
+    from xright_pl.generate import PromptEncoder
+
+    tok = smol_like if variant == "smol_like" else tiny_tokenizer
+    rows = [{"messages": [*conversation(n), asst("Fine.")]} for n in (1, 4, 8)]
+    cfg = SFTData(path=write_jsonl(tmp_path / "chat.jsonl", rows), val_fraction=0, max_prompt_length=96)
+    train = load_sft(cfg, tok).train
+    encode = PromptEncoder(tok, 96)
+    for row, ids, labels in zip(rows, train["input_ids"], train["labels"]):
+        n = sum(lab == IGNORE_INDEX for lab in labels)
+        assert encode(row["messages"][:-1]) == ids[:n]
+    hh = read_jsonl(shared_data / "hh_rlhf_pref_train.jsonl", 20)
+    cfg = PreferenceData(path=write_jsonl(tmp_path / "hh.jsonl", hh), val_fraction=0, max_prompt_length=128)
+    cfg.use_chat_template = True
+    pref = load_preference(cfg, tok).train
+    encode = PromptEncoder(tok, 128, use_chat_template=True)
+    assert len(pref) == 20
+    for row, ids, labels in zip(hh, pref["chosen_input_ids"], pref["chosen_labels"]):
+        n = sum(lab == IGNORE_INDEX for lab in labels)
+        assert encode(row["prompt"]) == ids[:n]

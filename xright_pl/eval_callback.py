@@ -136,8 +136,9 @@ class WinRateCallback(Callback):
             raise ConfigError("WinRateCallback needs the data module's tokenizer (use JointDataModule).")
         if self.prompts is not None:
             template = getattr(getattr(dm, "sft", None), "prompt_template", None)
-            items = read_prompts(self.prompts, "auto", template, self.num_prompts)
             pref = getattr(dm, "preference", None)
+            chat = bool(getattr(pref, "use_chat_template", False))  # prompts built as the preference data's
+            items = read_prompts(self.prompts, "auto", template, self.num_prompts, chat=chat)
             encode = PromptEncoder(tok, getattr(pref, "max_prompt_length", None))
             ids = [encode(it.prompt) for it in items]
             self._items = (ids, [it.instruction for it in items], [it.reference for it in items])

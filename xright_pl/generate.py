@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from xright_pl.assets import resolve
+from xright_pl.data.chat import ChatEncoder, text_to_messages
 from xright_pl.data.sources import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
@@ -36,6 +37,7 @@ from xright_pl.data.sources import (
     _Encoder,
     _read_source,
     _response_text,
+    _split_preference_row,
     _validate,
     detect_preference_format,
     detect_sft_format,
@@ -97,21 +99,22 @@ def _fitting_template(template: str | None, kind: str, strict: bool) -> str | No
 
 
 def _prompt_only(
-    row: dict, name: str, i: int, template: str | None, strict: bool = True
+    row: dict, name: str, i: int, template: str | None, strict: bool = True, chat: bool = False
 ) -> tuple[str, str | list, str | None]:
-    """(instruction, prompt, answer if the row has one) of a prompt row."""
+    """(instruction, prompt, answer if the row has one) of a prompt row (``chat``: text prompts as messages,
+    as the data module's ``use_chat_template`` builds them)."""
     if isinstance(row.get("instruction"), str):
         template = _fitting_template(template, "alpaca", strict)
         inp = row.get("input") or ""
         if not isinstance(inp, str):
             raise DataError(f"{name}: row {i}: field 'input' must be a string, got {type(inp).__name__}.")
-        prompt, _ = format_sft_row({**row, "input": inp, "output": ""}, "alpaca", template)
+        prompt, _ = format_sft_row({**row, "input": inp, "output": ""}, "alpaca", template, chat)
         answer = row.get("output") if isinstance(row.get("output"), str) else None
         return (row["instruction"] + (f"\n\n{inp}" if inp.strip() else "")), prompt, answer
     if isinstance(row.get("prompt"), str):
         p = row["prompt"]
         template = _fitting_template(template, "prompt", strict)
-        prompt = format_sft_row({"prompt": p, "completion": ""}, "prompt_completion", template)[0]
+        prompt = format_sft_row({"prompt": p, "completion": ""}, "prompt_completion", template, chat)[0]
         answer = row.get("completion") if isinstance(row.get("completion"), str) else None
         return p, prompt, answer
     msgs = row.get("messages", row.get("prompt"))
@@ -136,6 +139,7 @@ def read_prompts(
     limit: int | None = None,
     split: str | None = None,
     strict_template: bool = True,
+    chat: bool = False,
 ) -> list[PromptItem]:
     """Read the prompts (and the data set's answers, when there are any) of a prompts file.
 
@@ -149,6 +153,9 @@ def read_prompts(
         split: split of a hub dataset (default ``train``).
         strict_template: a template whose placeholders do not fit the rows is an error (False: prompt-only rows
             it does not fit are used as they are; for a template taken from the run's config).
+        chat: text prompts become chat messages, as the data module's ``use_chat_template`` makes them (an
+            alpaca row one user message, an HH dialogue its turns); ``prompt_template`` applies to preference
+            rows' prompts too (``{prompt}``), as ``PreferenceData.prompt_template`` does.
     """
     if format not in PROMPT_FORMATS:
         raise DataError(f"{path}: unknown format {format!r}. Valid formats: {', '.join(PROMPT_FORMATS)}.")
@@ -172,18 +179,20 @@ def read_prompts(
     for i, row in enumerate(rows):
         reference: Any = None
         if fmt == "prompt":
-            instruction, prompt, reference = _prompt_only(row, raw.name, i, prompt_template, strict_template)
+            instruction, prompt, reference = _prompt_only(row, raw.name, i, prompt_template, strict_template, chat)
         elif fmt in PREFERENCE_FORMATS:
-            parts = format_preference_row(row, fmt)
+            text_prompt = _split_preference_row(row, fmt)
+            parts = format_preference_row(row, fmt, prompt_template if fmt != "conversational" else None, chat)
             if parts is None:
                 raise DataError(
                     f"{raw.name}: {raw.where(i)}: chosen and rejected share no prompt (no common "
                     "'\\n\\nAssistant:' / message prefix), so there is nothing to answer. Fix or drop the row."
                 )
             prompt, reference, _ = parts
-            instruction = prompt if isinstance(prompt, str) else messages_to_instruction(prompt)
+            shown = text_prompt[0] if text_prompt is not None else prompt
+            instruction = shown if isinstance(shown, str) else messages_to_instruction(shown)
         else:
-            prompt, reference = format_sft_row(row, fmt, prompt_template)
+            prompt, reference = format_sft_row(row, fmt, prompt_template if fmt != "messages" else None, chat)
             if fmt == "alpaca":
                 inp = row.get("input") or ""
                 instruction = row["instruction"] + (f"\n\n{inp}" if inp.strip() else "")
@@ -201,32 +210,43 @@ def read_prompts(
 class PromptEncoder:
     """Token ids of prompts, built like the prompt part of a training sequence.
 
-    Text prompts are the tokenizer's leading special tokens (e.g. BOS) + the prompt's tokens; chat prompts
-    are the chat template's rendering with ``add_generation_prompt=True``. Prompts longer than
-    ``max_prompt_length`` are cut from the left, keeping the leading BOS (as the data module does).
+    Text prompts are the tokenizer's leading special tokens (e.g. BOS) + the prompt's tokens, cut from the left
+    (keeping the leading BOS) when longer than ``max_prompt_length``. Chat prompts are the chat template's
+    rendering with ``add_generation_prompt=True``, fitted to ``max_prompt_length`` as in training (whole earlier
+    turns dropped first, the system turn and the assistant header kept; see :mod:`xright_pl.data.chat`). With
+    ``use_chat_template`` text prompts are turned into messages first.
     """
 
-    def __init__(self, tokenizer, max_prompt_length: int | None = None) -> None:
+    def __init__(self, tokenizer, max_prompt_length: int | None = None, use_chat_template: bool = False) -> None:
         self.tok = tokenizer
         self.max_prompt_length = max_prompt_length
+        self.use_chat_template = use_chat_template
         enc = _Encoder(tokenizer, 2**31, 2**31, "prompts")
         self.prefix = list(enc.prefix)
         self.bos_id = enc.bos_id
+        self.chat = ChatEncoder(tokenizer, max_prompt_length or 2**31, "prompts")
 
     def __call__(self, prompt: str | list[dict]) -> list[int]:
+        if isinstance(prompt, str) and self.use_chat_template:
+            prompt = text_to_messages(prompt)[0]
         if isinstance(prompt, list):
             if not getattr(self.tok, "chat_template", None):
                 raise DataError(
                     "chat prompts need a chat template, but the tokenizer has none. Use a chat (instruct) "
                     "tokenizer or pass `chat_template`."
                 )
-            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            head: list[int] = []
-        else:
-            text, head = prompt, self.prefix
-        ids = head + self.tok(text, add_special_tokens=False)["input_ids"]
+            fitted = self.chat.prompt_ids(prompt)
+            if fitted is None:
+                raise DataError(
+                    f"a chat prompt does not fit max_prompt_length={self.max_prompt_length}: not one token of the"
+                    " user's text fits beside the system turn and the headers (training skips such rows as"
+                    " prompt_too_long). Raise --max_prompt_length."
+                )
+            return fitted[1]
+        ids = self.prefix + self.tok(prompt, add_special_tokens=False)["input_ids"]
         n = self.max_prompt_length
         if n is not None and len(ids) > n:
+            head = self.prefix
             keep = len(head) if head else int(bool(ids) and self.bos_id is not None and ids[0] == self.bos_id)
             tail = n - keep
             ids = (ids[:keep] + (ids[len(ids) - tail :] if tail > 0 else []))[:n]
@@ -637,6 +657,7 @@ def generate(
     format: str = "auto",
     prompt_template: str | None = None,
     max_prompt_length: int | None = None,
+    use_chat_template: bool | None = None,
     limit: int | None = None,
     split: str | None = None,
     max_new_tokens: int = 256,
@@ -676,8 +697,11 @@ def generate(
             conversational, or prompt (prompt-only rows).
         prompt_template: prompt template with ``{instruction}``/``{input}`` or ``{prompt}`` (default: the run's
             SFT ``prompt_template``; else the standard Alpaca template for alpaca rows, prompts as-is).
-        max_prompt_length: cut longer prompts from the left, keeping BOS (default: the run's setting for the
-            format's data; no limit for an exported folder).
+        max_prompt_length: fit longer prompts as training does (text: cut from the left, keeping BOS; chat:
+            earlier turns dropped first) (default: the run's setting for the format's data; no limit for an
+            exported folder).
+        use_chat_template: send text prompts (alpaca, prompt, HH dialogues) through the tokenizer's chat template
+            (default: the run's ``use_chat_template`` for the format's data; off for an exported folder).
         limit: answer only the first N prompts.
         split: split of a hub dataset of prompts (default ``train``).
         max_new_tokens: most tokens generated per answer (at least 1).
@@ -708,14 +732,17 @@ def generate(
     _check_request(prompts, split, limit, max_new_tokens, batch_size)
     loaded = load_generator(model, config, tokenizer, reference, device, dtype, weights_only, trust_remote_code)
     data_cfg = (loaded.run_config or {}).get("data") or {}
+    first = _read_source(prompts, split, 1).first()
+    kind = "preference" if "chosen" in first and "rejected" in first else "sft"
+    run_data = data_cfg.get(kind) or {}  # the training settings of this kind of rows
     from_run = prompt_template is None
     if from_run:
-        prompt_template = (data_cfg.get("sft") or {}).get("prompt_template")
-    items = read_prompts(prompts, format, prompt_template, limit, split, strict_template=not from_run)
-    if max_prompt_length is None and data_cfg:
-        first = _read_source(prompts, split, 1).first()
-        kind = "preference" if "chosen" in first and "rejected" in first else "sft"
-        max_prompt_length = (data_cfg.get(kind) or {}).get("max_prompt_length")
+        prompt_template = run_data.get("prompt_template")
+    if use_chat_template is None:
+        use_chat_template = bool(run_data.get("use_chat_template", False))
+    items = read_prompts(prompts, format, prompt_template, limit, split, not from_run, use_chat_template)
+    if max_prompt_length is None:
+        max_prompt_length = run_data.get("max_prompt_length")
     name = generator or loaded.name
     dataset = dataset or Path(prompts).stem
     done = [] if overwrite else read_answers(output)
@@ -726,13 +753,14 @@ def generate(
         "reference": reference,
         "prompt_template": prompt_template,
         "max_prompt_length": max_prompt_length,
+        **({"use_chat_template": True} if use_chat_template else {}),
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
         **({"temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size} if do_sample else {}),
         "dtype": dtype,
     }
     _check_settings(output, settings, fresh=not done)
-    encode = PromptEncoder(loaded.tokenizer, max_prompt_length)
+    encode = PromptEncoder(loaded.tokenizer, max_prompt_length, use_chat_template)
     eos_ids = eos_token_ids(loaded.model, loaded.tokenizer)
     results = list(done)
     start = len(done)

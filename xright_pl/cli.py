@@ -185,7 +185,8 @@ def _unknown_option(text: str) -> str | None:
     group, _, name = key.partition(".")
     close = difflib.get_close_matches(name, _known_options(group), n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(f'{group}.{c}' for c in close)}?" if close else ""
-    return f"unknown option {key!r} (in the config file or on the command line).{hint} {_HELP}"
+    said = " ".join(ln.strip(" -") for ln in text.splitlines() if ln.strip()).rstrip(".")
+    return f"{said} (unknown option {key!r}).{hint} {_HELP}"
 
 
 def _bad_value(text: str) -> str | None:

@@ -131,3 +131,16 @@ def test_cli_bad_loss_type_is_one_paragraph(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "xright_pl: error:" in err and "sigmoid, ipo, hinge, robust, simpo" in err and "'kto'" in err
+
+
+def test_ipo_with_precomputed_reference(tmp_path):
+    """A reference loss other than sigmoid works with cached reference log-probs: IPO's first step is still
+    (0 - 1/(2 * 0.1))^2 = 25 (the cache is computed in other batches, other padding: atol 1e-3), the reference
+    model is released, and the policy trains."""
+    module = tiny_module(Single("dpo"), loss_type="ipo", precompute_reference_logps=True)
+    first = FirstDPOLoss()
+    t = trainer(tmp_path, 2, callbacks=[first])
+    t.fit(module, datamodule=demo_data(limit=16))
+    assert module.reference is None and module.reference_released
+    assert first.first == pytest.approx(25.0, abs=1e-3)
+    assert math.isfinite(t.callback_metrics["val/dpo_loss"].item())

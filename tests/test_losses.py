@@ -365,3 +365,367 @@ def test_dpo_metrics_by_hand():
     assert m["rewards/accuracies"].item() == pytest.approx(0.5, abs=1e-12)
     assert m["rewards/chosen"].item() == pytest.approx(0.5, abs=1e-12)
     assert m["rewards/margins"].item() == pytest.approx(0.5, abs=1e-12)
+
+
+# -------------------------------------------------------------------------------------------- preference losses
+#
+# Notation of the docstrings: pc, pr / rc, rr the summed response log-probs of the chosen / rejected answer under
+# the policy / reference, nc, nr their token counts, h = (pc - rc) - (pr - rr), z = beta * h, sp(x) = ln(1 + e^x)
+# (so -log sigmoid(z) = sp(-z) and sp(z) - sp(-z) = z).
+
+from xright_pl.losses import (  # noqa: E402
+    PREFERENCE_LOSSES,
+    hinge_loss,
+    ipo_loss,
+    robust_loss,
+    sigmoid_loss,
+    simpo_loss,
+)
+
+
+def _n(*xs):
+    return torch.tensor(xs, dtype=torch.long)
+
+
+def test_registry_names_and_uniform_signature():
+    """The registry holds exactly the five losses; each takes the same arguments (reference-free ones accept None
+    for ``rc``/``rr``) and returns per-pair ``losses`` [B] with detached [B] rewards."""
+    assert list(PREFERENCE_LOSSES) == ["sigmoid", "ipo", "hinge", "robust", "simpo"]
+    assert [k for k, v in PREFERENCE_LOSSES.items() if not v.needs_reference] == ["simpo"]
+    pc = _t(-1.0, -4.0).requires_grad_(True)
+    for name, spec in PREFERENCE_LOSSES.items():
+        ref = (None, None) if not spec.needs_reference else (_t(-2.0, -3.0), _t(-2.0, -5.0))
+        out = spec(pc, _t(-3.0, -2.0), *ref, 0.1, chosen_tokens=_n(2, 3), rejected_tokens=_n(4, 1),
+                   label_smoothing=0.0, simpo_gamma=0.5)  # fmt: skip
+        assert out.losses.shape == (2,) and out.losses.requires_grad, name
+        assert out.chosen_rewards.shape == (2,) and not out.chosen_rewards.requires_grad, name
+        assert not out.rejected_rewards.requires_grad, name
+
+
+def test_sigmoid_without_smoothing_is_dpo_loss_bit_for_bit():
+    """``sigmoid`` with eps = 0 (the default) returns exactly :func:`dpo_loss` (``torch.equal``, fp32 random log-probs,
+    gradients too): the default training run cannot change."""
+    g = torch.Generator().manual_seed(5)
+    xs = [(-20 * torch.rand(16, generator=g)).requires_grad_(True) for _ in range(2)]
+    rc, rr = -20 * torch.rand(16, generator=g), -20 * torch.rand(16, generator=g)
+    a = dpo_loss(xs[0], xs[1], rc, rr, 0.1)
+    ys = [x.detach().clone().requires_grad_(True) for x in xs]
+    b = sigmoid_loss(ys[0], ys[1], rc, rr, 0.1, chosen_tokens=_n(*[3] * 16), rejected_tokens=_n(*[5] * 16))
+    assert torch.equal(a.losses, b.losses)
+    assert torch.equal(a.chosen_rewards, b.chosen_rewards) and torch.equal(a.rejected_rewards, b.rejected_rewards)
+    a.losses.sum().backward()
+    b.losses.sum().backward()
+    assert torch.equal(xs[0].grad, ys[0].grad) and torch.equal(xs[1].grad, ys[1].grad)
+
+
+def test_sigmoid_label_smoothing_hand_worked():
+    """beta = 0.1, pc = -1, pr = -3, rc = rr = -2 -> h = 1 - (-1) = 2, z = 0.2 (as in ``test_dpo_loss_hand_worked``).
+
+    Conservative DPO: L = (1 - eps) sp(-z) + eps sp(z) = sp(-z) + eps z.
+    sp(-0.2) = ln(1 + e^-0.2) = 0.5981388693815918; eps = 0.1: L = 0.5981388693815918 + 0.02 = 0.6181388693815918.
+    chosen == rejected log-ratios (z = 0): L = ln 2 whatever eps. eps = 0: plain sigmoid 0.5981388693815918.
+    fp64, atol 1e-12. Rewards: 0.1 and -0.1 as for DPO.
+    """
+    out = sigmoid_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 0.1, label_smoothing=0.1)
+    assert out.losses.item() == pytest.approx(0.6181388693815918, abs=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(0.1, abs=1e-12)
+    assert out.rejected_rewards.item() == pytest.approx(-0.1, abs=1e-12)
+    out = sigmoid_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 0.1, label_smoothing=0.0)
+    assert out.losses.item() == pytest.approx(0.5981388693815918, abs=1e-12)
+    out = sigmoid_loss(_t(-5.0), _t(-5.0), _t(-1.0), _t(-1.0), 3.0, label_smoothing=0.3)
+    assert out.losses.item() == pytest.approx(LN2, abs=1e-12)
+
+
+def test_robust_hand_worked():
+    """Robust DPO: L = ((1 - eps) sp(-z) - eps sp(z)) / (1 - 2 eps) = sp(-z) - eps z / (1 - 2 eps).
+
+    * z = 0.2 (beta 0.1, h 2), eps = 0.1: 0.5981388693815918 - 0.02 / 0.8 = 0.5731388693815918.
+    * z = 10 (beta 1, h 10), eps = 0.25: sp(-10) - 2.5 / 0.5 = 4.5398899216870535e-05 - 5 = -4.999954601100783:
+      unlike the conservative loss it goes below zero (the flipped-label term is subtracted).
+    * eps = 0: plain sigmoid, 0.5981388693815918; z = 0: ln 2.
+    fp64, atol 1e-12.
+    """
+    out = robust_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 0.1, label_smoothing=0.1)
+    assert out.losses.item() == pytest.approx(0.5731388693815918, abs=1e-12)
+    out = robust_loss(_t(0.0), _t(-10.0), _t(0.0), _t(0.0), 1.0, label_smoothing=0.25)
+    assert out.losses.item() == pytest.approx(-4.999954601100783, abs=1e-12)
+    out = robust_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 0.1, label_smoothing=0.0)
+    assert out.losses.item() == pytest.approx(0.5981388693815918, abs=1e-12)
+    out = robust_loss(_t(-7.0), _t(-7.0), _t(-2.0), _t(-2.0), 0.5, label_smoothing=0.4)
+    assert out.losses.item() == pytest.approx(LN2, abs=1e-12)
+
+
+def test_hinge_hand_worked():
+    """Hinge: L = relu(1 - beta h).
+
+    * beta = 0.1, h = 2: 1 - 0.2 = 0.8; d L / d pc = -beta = -0.1, d L / d pr = +0.1.
+    * beta = 1, h = 2: relu(-1) = 0, gradient exactly 0 (the pair is past the margin).
+    * chosen == rejected (h = 0): 1. beta = 1e-12, h = 2: 1 - 2e-12 (atol 1e-11).
+    fp64, atol 1e-12.
+    """
+    pc, pr = _t(-1.0).requires_grad_(True), _t(-3.0).requires_grad_(True)
+    out = hinge_loss(pc, pr, _t(-2.0), _t(-2.0), 0.1)
+    assert out.losses.item() == pytest.approx(0.8, abs=1e-12)
+    out.losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.1, abs=1e-12) and pr.grad.item() == pytest.approx(0.1, abs=1e-12)
+    pc.grad = None
+    out = hinge_loss(pc, pr, _t(-2.0), _t(-2.0), 1.0)
+    assert out.losses.item() == 0.0
+    out.losses.sum().backward()
+    assert pc.grad.item() == 0.0
+    assert hinge_loss(_t(-4.0), _t(-4.0), _t(-1.0), _t(-1.0), 0.1).losses.item() == pytest.approx(1.0, abs=1e-12)
+    assert hinge_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 1e-12).losses.item() == pytest.approx(1.0, abs=1e-11)
+
+
+def test_ipo_hand_worked_length_normalised():
+    """IPO with per-token log-ratios (TRL's convention): L = (h_avg - 1 / (2 beta))^2,
+    h_avg = (pc - rc) / nc - (pr - rr) / nr.
+
+    * beta = 0.1 (target 1 / 0.2 = 5), pc = -1, rc = -2 (ratio 1), nc = 2; pr = -3, rr = -2 (ratio -1), nr = 4:
+      h_avg = 1/2 - (-1/4) = 0.75; L = (0.75 - 5)^2 = 4.25^2 = 18.0625 (exact in fp64).
+      d L / d pc = 2 (h_avg - 5) / nc = 2 * (-4.25) / 2 = -4.25; d L / d pr = -2 (h_avg - 5) / nr = 8.5 / 4 = 2.125.
+    * The same pair with summed log-ratios would give h = 2, L = (2 - 5)^2 = 9: the two conventions differ.
+    * beta = 0.5 (target 1), ratios 0.5 and -0.5 with nc = nr = 1: h_avg = 1 -> L = 0 exactly.
+    * chosen == rejected (h_avg = 0): L = 1 / (4 beta^2) = 25 at beta 0.1. IPO does not tend to ln 2 as beta -> 0:
+      beta = 1e-3 gives 1 / (4e-6) = 250000 (rel 1e-12).
+    * An empty response (0 tokens) is counted as 1 token: no division by zero.
+    fp64, atol 1e-12.
+    """
+    pc, pr = _t(-1.0).requires_grad_(True), _t(-3.0).requires_grad_(True)
+    out = ipo_loss(pc, pr, _t(-2.0), _t(-2.0), 0.1, chosen_tokens=_n(2), rejected_tokens=_n(4))
+    assert out.losses.item() == pytest.approx(18.0625, abs=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(0.1, abs=1e-12)  # summed log-ratio * beta, as DPO
+    out.losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-4.25, abs=1e-12) and pr.grad.item() == pytest.approx(2.125, abs=1e-12)
+    out = ipo_loss(_t(-1.0), _t(-3.0), _t(-2.0), _t(-2.0), 0.1, chosen_tokens=_n(1), rejected_tokens=_n(1))
+    assert out.losses.item() == pytest.approx(9.0, abs=1e-12)
+    out = ipo_loss(_t(-1.5), _t(-2.5), _t(-2.0), _t(-2.0), 0.5, chosen_tokens=_n(1), rejected_tokens=_n(1))
+    assert out.losses.item() == pytest.approx(0.0, abs=1e-12)
+    same = dict(chosen_tokens=_n(3), rejected_tokens=_n(3))
+    assert ipo_loss(_t(-4.0), _t(-4.0), _t(-1.0), _t(-1.0), 0.1, **same).losses.item() == pytest.approx(25.0, abs=1e-9)
+    assert ipo_loss(_t(-4.0), _t(-4.0), _t(-1.0), _t(-1.0), 1e-3, **same).losses.item() == pytest.approx(
+        250000.0, rel=1e-12
+    )
+    out = ipo_loss(_t(0.0), _t(-3.0), _t(0.0), _t(-2.0), 0.1, chosen_tokens=_n(0), rejected_tokens=_n(0))
+    assert out.losses.item() == pytest.approx((0.0 - (-1.0) - 5.0) ** 2, abs=1e-12)  # (1 - 5)^2 = 16
+
+
+def test_simpo_hand_worked():
+    """SimPO: z = beta (pc / nc - pr / nr) - gamma, L = (1 - eps) sp(-z) + eps sp(z) = sp(-z) + eps z; no reference.
+
+    * beta = 2, gamma = 0.5, pc = -2 over nc = 4 (mean -0.5), pr = -6 over nr = 3 (mean -2):
+      z = 2 * 1.5 - 0.5 = 2.5, L = ln(1 + e^-2.5) = 0.07888973429254956;
+      rewards = beta * means = -1 and -4 (TRL CPO's rewards); d L / d pc = -sigmoid(-2.5) * beta / nc
+      = -0.07585818002124355 * 0.5 = -0.037929090010621775.
+      eps = 0.2: L = 0.07888973429254956 + 0.2 * 2.5 = 0.5788897342925496.
+    * Length normalisation: pc = pr = -4 with nc = 2, nr = 4 is not a tie: means -2 vs -1, z = 2 * (-1) - 0.5.
+    * chosen == rejected means: z = -gamma, L = sp(gamma) = ln(1 + e^0.5) = 0.9740769841801067; gamma = 0: ln 2.
+    * beta -> 0 (1e-12): z -> -gamma, L -> 0.9740769841801067 (atol 1e-11).
+    fp64, atol 1e-12.
+    """
+    pc = _t(-2.0).requires_grad_(True)
+    kw = dict(chosen_tokens=_n(4), rejected_tokens=_n(3), simpo_gamma=0.5)
+    out = simpo_loss(pc, _t(-6.0), None, None, 2.0, **kw)
+    assert out.losses.item() == pytest.approx(0.07888973429254956, abs=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(-1.0, abs=1e-12)
+    assert out.rejected_rewards.item() == pytest.approx(-4.0, abs=1e-12)
+    out.losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.037929090010621775, abs=1e-12)
+    out = simpo_loss(_t(-2.0), _t(-6.0), None, None, 2.0, label_smoothing=0.2, **kw)
+    assert out.losses.item() == pytest.approx(0.5788897342925496, abs=1e-12)
+    out = simpo_loss(_t(-4.0), _t(-4.0), None, None, 2.0, chosen_tokens=_n(2), rejected_tokens=_n(4))
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(2.5)), abs=1e-12)
+    out = simpo_loss(_t(-3.0), _t(-6.0), None, None, 2.0, chosen_tokens=_n(1), rejected_tokens=_n(2))
+    assert out.losses.item() == pytest.approx(0.9740769841801067, abs=1e-12)
+    out = simpo_loss(_t(-3.0), _t(-6.0), None, None, 2.0, chosen_tokens=_n(1), rejected_tokens=_n(2), simpo_gamma=0)
+    assert out.losses.item() == pytest.approx(LN2, abs=1e-12)
+    out = simpo_loss(_t(-1.0), _t(-9.0), None, None, 1e-12, **kw)
+    assert out.losses.item() == pytest.approx(0.9740769841801067, abs=1e-11)
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_preference_losses_reject_bad_arguments(name):
+    """beta <= 0, label_smoothing outside [0, 0.5), missing token counts (ipo, simpo) or missing reference
+    log-probs (all but simpo) are ValueErrors naming the argument."""
+    spec = PREFERENCE_LOSSES[name]
+    args = (_t(-1.0), _t(-2.0), _t(-1.0), _t(-1.0))
+    kw = dict(chosen_tokens=_n(1), rejected_tokens=_n(1))
+    with pytest.raises(ValueError, match="beta"):
+        spec(*args, 0.0, **kw)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        spec(*args, 0.1, label_smoothing=0.5, **kw)
+    if name in ("ipo", "simpo"):
+        with pytest.raises(ValueError, match="chosen_tokens"):
+            spec(*args, 0.1)
+    if spec.needs_reference:
+        with pytest.raises(ValueError, match="ref_chosen_logps"):
+            spec(args[0], args[1], None, None, 0.1, **kw)
+
+
+# ---- parity with TRL's formulas
+#
+# Transcribed from TRL 1.16.0 (``pip download trl==1.16.0``, the version the ``benchmarks`` extra pins), so the
+# test runs offline without TRL:
+#   trl/trainer/dpo_trainer.py, ``DPOTrainer._compute_loss`` (lines 1383-1431), with ``delta_score = chosen_scores -
+#   rejected_scores`` and ``chosen_scores = chosen_logps - ref_chosen_logps`` (f_divergence_type "reverse_kl"):
+#       "sigmoid": per_sequence_loss = -F.logsigmoid(self.beta * delta_score)
+#       "hinge":   per_sequence_loss = torch.relu(1 - self.beta * delta_score)
+#       "ipo":     chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)
+#                  rejected_avg_score = rejected_scores / rejected_mask.sum(dim=1).clamp(min=1.0)
+#                  ipo_delta = chosen_avg_score - rejected_avg_score
+#                  per_sequence_loss = (ipo_delta - 1 / (2 * self.beta)) ** 2
+#       "robust":  clean_loss_term = -(1 - self.label_smoothing) * F.logsigmoid(self.beta * delta_score)
+#                  flipped_loss_term = -self.label_smoothing * F.logsigmoid(-self.beta * delta_score)
+#                  per_sequence_loss = (clean_loss_term - flipped_loss_term) / (1 - 2 * self.label_smoothing)
+#   trl/experimental/cpo/cpo_trainer.py, ``CPOTrainer.cpo_loss`` (lines 715-728, 746) and ``concatenated_forward``
+#   (line 850: ``average_log_prob=self.loss_type in ["ipo", "simpo"]``, i.e. per-token mean log-probs):
+#       "simpo":   gamma_logratios = self.simpo_gamma / self.beta; logits = logits - gamma_logratios
+#                  losses = (-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
+#                            - F.logsigmoid(-self.beta * logits) * self.label_smoothing)
+#                  chosen_rewards = self.beta * (policy_chosen_logps...).detach()
+#       "sigmoid": the same smoothed expression on ``logits`` (CPO's logits are policy-only; applied to the DPO
+#                  log-ratio difference it is conservative DPO, which TRL 1.16's DPOTrainer no longer offers under
+#                  "sigmoid": there ``label_smoothing`` only feeds "robust", "exo_pair" and "aot*").
+import torch.nn.functional as F  # noqa: E402
+
+
+def _trl_reference(loss_type, pc, pr, rc, rr, nc, nr, beta, eps, gamma):
+    """TRL 1.16.0's per-pair losses, transcribed (see the comment above)."""
+    if loss_type == "simpo":
+        logits = pc / nc.clamp(min=1) - pr / nr.clamp(min=1)
+        logits = logits - gamma / beta
+        return -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    chosen_scores, rejected_scores = pc - rc, pr - rr
+    delta_score = chosen_scores - rejected_scores
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * delta_score) * (1 - eps) - F.logsigmoid(-beta * delta_score) * eps
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta_score)
+    if loss_type == "ipo":
+        ipo_delta = chosen_scores / nc.clamp(min=1.0) - rejected_scores / nr.clamp(min=1.0)
+        return (ipo_delta - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        clean = -(1 - eps) * F.logsigmoid(beta * delta_score)
+        flipped = -eps * F.logsigmoid(-beta * delta_score)
+        return (clean - flipped) / (1 - 2 * eps)
+    raise AssertionError(loss_type)
+
+
+def _random_pairs(seed=0, b=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(0, 40, (4, b), generator=g)
+    logps = -(n.to(torch.float64) * 3 * torch.rand(4, b, generator=g, dtype=torch.float64))  # ~ -3 per token
+    pc, pr, rc, rr = (x.to(dtype) for x in logps)
+    return pc, pr, rc, rr, n[0], n[1]
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+@pytest.mark.parametrize(("beta", "eps"), [(0.1, 0.0), (0.5, 0.1), (2.0, 0.3)])
+def test_parity_with_trl_formulas(name, beta, eps):
+    """64 random pairs in fp32 (summed log-probs of up to 40 tokens, ~-3 per token, some empty responses), each
+    loss vs the transcribed TRL 1.16.0 formula on the same inputs: atol 1e-6 (rtol 1e-6 for the squared IPO loss,
+    whose values reach ~1e2). eps is not used by ipo/hinge (0 there, as the module enforces)."""
+    pc, pr, rc, rr, nc, nr = _random_pairs(seed=int(beta * 10) + int(eps * 100))
+    eps = eps if PREFERENCE_LOSSES[name].uses_label_smoothing else 0.0
+    out = PREFERENCE_LOSSES[name](pc, pr, rc, rr, beta, chosen_tokens=nc, rejected_tokens=nr,
+                                  label_smoothing=eps, simpo_gamma=0.7)  # fmt: skip
+    ref = _trl_reference(name, pc, pr, rc, rr, nc.float(), nr.float(), beta, eps, 0.7)
+    torch.testing.assert_close(out.losses, ref, atol=1e-6, rtol=1e-6)
+    if name == "simpo":  # CPO: rewards = beta * mean log-probs
+        torch.testing.assert_close(out.chosen_rewards, beta * pc / nc.clamp(min=1), atol=1e-6, rtol=1e-6)
+    else:  # DPO (line 1582): chosen_rewards = self.beta * chosen_logratios.detach()
+        torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc), atol=1e-6, rtol=1e-6)
+
+
+def _trl_or_skip():
+    trl = pytest.importorskip("trl", reason="needs trl, from the optional extra 'benchmarks'")
+    return trl
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "robust"])
+def test_parity_with_trl_dpo_trainer_itself(name):
+    """With TRL installed: TRL's own ``DPOTrainer._compute_loss`` on the same per-token log-probs.
+
+    TRL >= 1.x has no standalone ``DPOTrainer.dpo_loss`` (the loss is computed inline in ``_compute_loss`` from
+    the model's output), so the method is called unbound on a stand-in trainer (``beta``, ``loss_types``, an
+    identity ``accelerator``, ...) with a stand-in model whose output carries the given per-token ``log_probs``
+    and ``precompute_ref_logps`` on (reference log-probs from the inputs). Compared: TRL's batch loss (the mean)
+    with ours, atol 1e-5 in fp32. Written against TRL 1.16.0's ``_compute_loss``; skipped when TRL is absent or
+    its ``_compute_loss`` has another signature.
+    """
+    import inspect
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    _trl_or_skip()
+    from trl import DPOTrainer
+
+    method = getattr(DPOTrainer, "_compute_loss", None)
+    if method is None or list(inspect.signature(method).parameters) != ["self", "model", "inputs", "return_outputs"]:
+        pytest.skip("this TRL's DPOTrainer has no _compute_loss(model, inputs, return_outputs) to call")
+    g = torch.Generator().manual_seed(11)
+    b, t = 8, 12
+    completion = torch.zeros(2 * b, t, dtype=torch.long)
+    for i in range(2 * b):
+        start = int(torch.randint(2, 6, (1,), generator=g))
+        stop = int(torch.randint(start, t + 1, (1,), generator=g))
+        completion[i, start:stop] = 1
+    shift = completion[:, 1:]
+    per_token = torch.where(shift.bool(), -3 * torch.rand(2 * b, t - 1, generator=g), 0.0)
+    ref_logps = -20 * torch.rand(2 * b, generator=g)
+
+    class StandInModel:
+        training = True
+
+        def __call__(self, **kwargs):
+            zeros = torch.zeros(2 * b, t - 1)
+            return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    beta, eps = 0.2, (0.1 if name in ("robust",) else 0.0)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+    stand_in = SimpleNamespace(
+        model=StandInModel(), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[name], loss_weights=[1.0],
+        beta=beta, label_smoothing=eps, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    inputs = {
+        "input_ids": torch.zeros(2 * b, t, dtype=torch.long),
+        "attention_mask": torch.ones(2 * b, t, dtype=torch.long),
+        "completion_mask": completion,
+        "ref_chosen_logps": ref_logps[:b],
+        "ref_rejected_logps": ref_logps[b:],
+    }
+    trl_loss = method(stand_in, stand_in.model, inputs, False)
+    logps, n = per_token.sum(1), shift.sum(1)
+    ours = PREFERENCE_LOSSES[name](logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta,
+                                   chosen_tokens=n[:b], rejected_tokens=n[b:], label_smoothing=eps)  # fmt: skip
+    assert float(trl_loss) == pytest.approx(float(ours.losses.mean()), abs=1e-5)
+    assert stand_in._metrics["train"]["rewards/chosen"][0] == pytest.approx(float(ours.chosen_rewards.mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize(("name", "eps"), [("simpo", 0.0), ("simpo", 0.2), ("sigmoid", 0.15)])
+def test_parity_with_trl_cpo_loss_itself(name, eps):
+    """With TRL installed: TRL's own ``CPOTrainer.cpo_loss`` (``trl.experimental.cpo``), called unbound on a
+    stand-in trainer. simpo: fed the per-token mean log-probs (what its ``concatenated_forward`` passes for
+    simpo); sigmoid with label smoothing: fed the log-ratios ``pc - rc``, ``pr - rr``, which turns CPO's smoothed
+    sigmoid into conservative DPO. Losses and (simpo) rewards agree to atol 1e-6 in fp32."""
+    from types import SimpleNamespace
+
+    _trl_or_skip()
+    try:
+        from trl.experimental.cpo import CPOTrainer
+    except ImportError:
+        pytest.skip("this TRL has no trl.experimental.cpo.CPOTrainer")
+    pc, pr, rc, rr, nc, nr = _random_pairs(seed=3)
+    beta, gamma = 0.7, 0.4
+    stand_in = SimpleNamespace(alpha=0.0, loss_type=name, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+                               accelerator=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+    ours = PREFERENCE_LOSSES[name](pc, pr, rc, rr, beta, chosen_tokens=nc, rejected_tokens=nr,
+                                   label_smoothing=eps, simpo_gamma=gamma)  # fmt: skip
+    if name == "simpo":
+        losses, chosen_rewards, _ = CPOTrainer.cpo_loss(stand_in, pc / nc.clamp(min=1), pr / nr.clamp(min=1))
+        torch.testing.assert_close(ours.chosen_rewards, chosen_rewards, atol=1e-6, rtol=1e-6)
+    else:
+        losses, _, _ = CPOTrainer.cpo_loss(stand_in, pc - rc, pr - rr)
+    torch.testing.assert_close(ours.losses, losses, atol=1e-6, rtol=1e-6)

@@ -14,6 +14,8 @@ in the logits' dtype, which autograd needs anyway.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,13 @@ __all__ = [
     "sft_loss_from_token_logps",
     "dpo_loss",
     "dpo_metrics",
+    "sigmoid_loss",
+    "ipo_loss",
+    "hinge_loss",
+    "robust_loss",
+    "simpo_loss",
+    "PreferenceLoss",
+    "PREFERENCE_LOSSES",
 ]
 
 #: Largest number of flattened positions upcast at once.
@@ -256,3 +265,226 @@ def dpo_metrics(out: DPOOutput, policy_chosen_logps: Tensor, policy_rejected_log
         "logps/chosen": policy_chosen_logps.detach().mean(),
         "logps/rejected": policy_rejected_logps.detach().mean(),
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Preference losses selectable by name (``XRightModule(loss_type=...)``).
+#
+# Every loss has the same call signature (see :class:`PreferenceLoss`), so adding one is one function, one line in
+# :data:`PREFERENCE_LOSSES` and its test. Notation: ``pc, pr`` summed response log-probs of the chosen and rejected
+# answers under the policy, ``rc, rr`` the same under the reference, ``nc, nr`` their response token counts,
+# ``h = (pc - rc) - (pr - rr)`` the DPO log-ratio difference.
+
+
+def _check_common(beta: float, label_smoothing: float, *tensors: Tensor | None) -> float:
+    beta = float(beta)
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    if not (0.0 <= float(label_smoothing) < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    shapes = {tuple(x.shape) for x in tensors if x is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"preference loss inputs must share one shape, got {sorted(shapes)}")
+    return beta
+
+
+def _need(name: str, **tensors: Tensor | None) -> None:
+    missing = [k for k, v in tensors.items() if v is None]
+    if missing:
+        raise ValueError(f"the {name!r} preference loss needs {', '.join(missing)}")
+
+
+def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
+    """``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)`` (conservative DPO, Mitchell 2023)."""
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def sigmoid_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    *,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """Sigmoid DPO, optionally with label smoothing ``eps`` (conservative DPO; TRL ``loss_type="sigmoid"``).
+
+    ``losses = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``. With ``eps == 0`` this *is*
+    :func:`dpo_loss` (the same call, bit-identical). Rewards ``beta * (pc - rc)``, ``beta * (pr - rr)``.
+    ``chosen_tokens``, ``rejected_tokens`` and ``simpo_gamma`` are not used.
+    """
+    _need("sigmoid", ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _check_common(beta, label_smoothing)
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    if label_smoothing == 0:
+        return out
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    losses = _smoothed_sigmoid(float(beta) * h, float(label_smoothing))
+    return DPOOutput(losses, out.chosen_rewards, out.rejected_rewards)
+
+
+def robust_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    *,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """Robust DPO (Chowdhury et al., 2024; TRL ``loss_type="robust"``): the unbiased loss under label flips
+    with probability ``eps``:
+
+    ``losses = (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``.
+
+    ``eps == 0`` gives sigmoid DPO. Unlike the conservative loss it can be negative (a flipped pair's term is
+    subtracted). Rewards as in :func:`dpo_loss`.
+    """
+    _need("robust", ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _check_common(beta, label_smoothing)
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    eps = float(label_smoothing)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    z = float(beta) * h
+    losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    return DPOOutput(losses, out.chosen_rewards, out.rejected_rewards)
+
+
+def hinge_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    *,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """Hinge loss of RSO/SLiC (Liu et al., 2023; TRL ``loss_type="hinge"``): ``losses = relu(1 - beta h)``.
+
+    Zero (and no gradient) once ``beta h >= 1``. Rewards as in :func:`dpo_loss`.
+    """
+    _need("hinge", ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _check_common(beta, label_smoothing)
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return DPOOutput(torch.relu(1.0 - float(beta) * h), out.chosen_rewards, out.rejected_rewards)
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    *,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """IPO (Azar et al., 2023, eq. 17, ``beta`` = the paper's ``tau``), with per-token log-ratios as TRL does:
+
+    ``h_avg = (pc - rc) / nc - (pr - rr) / nr``, ``losses = (h_avg - 1 / (2 beta))**2``.
+
+    Convention: the paper writes the loss on sequence log-ratios; TRL's ``DPOTrainer`` (``loss_type="ipo"``)
+    divides each log-ratio by its response's token count (older TRL averaged the log-probs of both models
+    before the ratio, the same number), and its source notes the IPO authors confirmed the paper's results use
+    this normalised form. It is followed here because with summed log-probs the squared loss and its target
+    ``1 / (2 beta)`` scale with the answer length, so one ``beta`` would mean different things for short and
+    long answers. Token counts are clamped to >= 1 (an empty response gives its summed log-ratio, 0).
+    Rewards stay ``beta * (pc - rc)``, ``beta * (pr - rr)`` (summed, as for every reference loss).
+    """
+    _need(
+        "ipo",
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
+    _check_common(beta, label_smoothing, policy_chosen_logps, chosen_tokens, rejected_tokens)
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    dtype = policy_chosen_logps.dtype
+    nc = chosen_tokens.to(dtype).clamp(min=1)
+    nr = rejected_tokens.to(dtype).clamp(min=1)
+    h_avg = (policy_chosen_logps - ref_chosen_logps) / nc - (policy_rejected_logps - ref_rejected_logps) / nr
+    return DPOOutput((h_avg - 1.0 / (2.0 * float(beta))) ** 2, out.chosen_rewards, out.rejected_rewards)
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    *,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """SimPO (Meng et al., 2024): reference-free, length-normalised, with a target margin ``gamma``.
+
+    ``z = beta * (pc / nc - pr / nr) - gamma``; ``losses = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``
+    (``eps = label_smoothing``, 0 in the paper; TRL's ``CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0``
+    computes the same, as ``beta * ((pc/nc - pr/nr) - gamma / beta)``). ``ref_*`` are ignored (may be None).
+    Rewards are the length-normalised, beta-scaled log-probs ``beta * pc / nc`` and ``beta * pr / nr`` (what
+    TRL's CPO trainer reports as ``rewards/*``). Token counts are clamped to >= 1.
+    """
+    _need("simpo", chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    beta = _check_common(beta, label_smoothing, policy_chosen_logps, policy_rejected_logps, chosen_tokens)
+    gamma = float(simpo_gamma)
+    if not math.isfinite(gamma):
+        raise ValueError(f"simpo_gamma must be a finite number, got {simpo_gamma}")
+    dtype = policy_chosen_logps.dtype
+    chosen = policy_chosen_logps / chosen_tokens.to(dtype).clamp(min=1)
+    rejected = policy_rejected_logps / rejected_tokens.to(dtype).clamp(min=1)
+    losses = _smoothed_sigmoid(beta * (chosen - rejected) - gamma, float(label_smoothing))
+    return DPOOutput(losses, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A preference loss of the registry, with what the module needs to know about it.
+
+    Calling it calls ``fn(pc, pr, rc, rr, beta, *, chosen_tokens, rejected_tokens, label_smoothing,
+    simpo_gamma) -> DPOOutput`` (per-pair ``losses`` and detached rewards). Every loss takes every argument and
+    ignores those it does not use.
+
+    Attributes:
+        fn: the loss function.
+        needs_reference: False for reference-free losses: no reference model is built, ``rc``/``rr`` are None.
+        uses_label_smoothing: whether ``label_smoothing`` changes the loss (else it must be 0).
+        formula: one-line formula, shown in ``--help`` and errors.
+        trl_name: the matching TRL setting.
+    """
+
+    fn: Callable[..., DPOOutput]
+    needs_reference: bool
+    uses_label_smoothing: bool
+    formula: str
+    trl_name: str
+
+    def __call__(self, *args, **kwargs) -> DPOOutput:
+        return self.fn(*args, **kwargs)
+
+
+#: The preference losses by name (``XRightModule(loss_type=...)``); "sigmoid" (DPO) is the default.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(sigmoid_loss, True, True, "-(1-eps) logsig(b h) - eps logsig(-b h)", 'DPO "sigmoid"'),
+    "ipo": PreferenceLoss(ipo_loss, True, False, "(h_avg - 1/(2b))^2, per-token log-ratios", 'DPO "ipo"'),
+    "hinge": PreferenceLoss(hinge_loss, True, False, "relu(1 - b h)", 'DPO "hinge"'),
+    "robust": PreferenceLoss(
+        robust_loss, True, True, "(-(1-eps) logsig(b h) + eps logsig(-b h)) / (1-2eps)", 'DPO "robust"'
+    ),
+    "simpo": PreferenceLoss(simpo_loss, False, True, "-logsig(b (pc/nc - pr/nr) - gamma), no reference", 'CPO "simpo"'),
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
@@ -20,7 +21,7 @@ from xright_pl.data.streams import StreamTicket, row_lengths
 from xright_pl.distributed import check_agreement, fully_shard_model
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
-from xright_pl.losses import dpo_loss, dpo_metrics, sequence_logps, sft_loss
+from xright_pl.losses import PREFERENCE_LOSSES, dpo_metrics, sequence_logps, sft_loss
 from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
 from xright_pl.selectors import OBJECTIVES, Decision, Selector, Sequential, StepContext, check_lam
@@ -59,7 +60,7 @@ class ObjectiveOutput:
     """One objective's forward pass on one micro-batch.
 
     Attributes:
-        loss: scalar loss with its graph (SFT: token-mean NLL; DPO: pair-mean sigmoid loss).
+        loss: scalar loss with its graph (SFT: token-mean NLL; DPO: pair-mean preference loss, see ``loss_type``).
         num_tokens: 0-dim count of non-padding tokens processed.
         num_examples: SFT rows or preference pairs in the batch.
         metrics: detached scalars to log (``rewards/...``, ``logps/...``).
@@ -110,7 +111,15 @@ class XRightModule(pl.LightningModule):
             the reference's memory is freed. Costs one no-grad pass over the preference data at each fit
             start (a resumed run recomputes it; checkpoints never hold the cache). Needs a
             :class:`~xright_pl.data.module.JointDataModule`; not with ``Sequential(reference="stage_start")``,
-            whose reference changes mid-run.
+            whose reference changes mid-run. Not with ``loss_type: simpo`` (no reference: nothing to cache).
+        loss_type: the preference loss of the DPO objective, one of ``sigmoid`` (DPO, the default), ``ipo``,
+            ``hinge``, ``robust``, ``simpo`` (see :data:`xright_pl.losses.PREFERENCE_LOSSES`). ``ipo`` uses
+            per-token log-ratios (as TRL). ``simpo`` is reference-free: no reference model is built or kept, and
+            its ``rewards/*`` metrics are the length-normalised log-probs times ``beta``. Metric and validation
+            names (``train/dpo_loss``, ``val/dpo_loss``, ``rewards/*``) stay the same for every loss.
+        label_smoothing: probability ``eps`` in [0, 0.5) that a preference label is wrong: conservative DPO for
+            ``sigmoid`` (and ``simpo``), the unbiased estimator for ``robust``; must be 0 for ``ipo``/``hinge``.
+        simpo_gamma: SimPO's target reward margin ``gamma`` (used by ``simpo`` only).
     """
 
     def __init__(
@@ -133,6 +142,9 @@ class XRightModule(pl.LightningModule):
         lora: LoraSettings | None = None,
         max_consecutive_nonfinite: int = 10,
         precompute_reference_logps: bool = False,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
     ) -> None:
         super().__init__()
         problems = []
@@ -154,12 +166,14 @@ class XRightModule(pl.LightningModule):
             problems.extend(lora.problems())
         if not isinstance(max_consecutive_nonfinite, int) or max_consecutive_nonfinite < 1:
             problems.append(f"max_consecutive_nonfinite must be an integer >= 1, got {max_consecutive_nonfinite!r}")
+        problems.extend(_preference_loss_problems(loss_type, label_smoothing, simpo_gamma, precompute_reference_logps))
         if problems:
             raise ConfigError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters(ignore=["selector", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.lam = float(lam)
         self.beta = float(beta)
+        self.preference_loss = PREFERENCE_LOSSES[loss_type]
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
@@ -204,6 +218,7 @@ class XRightModule(pl.LightningModule):
         )
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+        with_reference = with_reference and self.preference_loss.needs_reference  # simpo: no reference at all
         if with_reference and hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
@@ -387,10 +402,16 @@ class XRightModule(pl.LightningModule):
         return sequence_logps(logits.logits, batch.labels).logps
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
-        ref = self.reference_logps(batch)
-        logps = sequence_logps(self.forward_logits(batch.input_ids, batch.attention_mask), batch.labels).logps
-        b = batch.num_examples
-        out = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta)
+        loss_fn = self.preference_loss
+        ref = self.reference_logps(batch) if loss_fn.needs_reference else None
+        seq = sequence_logps(self.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
+        logps, n, b = seq.logps, seq.num_tokens, batch.num_examples
+        hp = self.hparams
+        out = loss_fn(
+            logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:], self.beta,
+            chosen_tokens=n[:b], rejected_tokens=n[b:],
+            label_smoothing=hp.get("label_smoothing", 0.0), simpo_gamma=hp.get("simpo_gamma", 0.5),
+        )  # fmt: skip
         metrics = dpo_metrics(out, logps[:b].detach(), logps[b:].detach())
         return ObjectiveOutput(out.losses.mean(), batch.num_tokens(), b, metrics)
 
@@ -668,6 +689,8 @@ class XRightModule(pl.LightningModule):
         """
         if self.reference_released:
             raise ConfigError("the reference model was released (precompute_reference_logps=True); it cannot be reset")
+        if not self.preference_loss.needs_reference:
+            return  # reference-free loss (simpo): there is no reference to reset
         if self.lora is not None:
             if self.reference is not None:
                 raise ConfigError(
@@ -751,6 +774,36 @@ class XRightModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+def _preference_loss_problems(
+    loss_type: Any, label_smoothing: Any, simpo_gamma: Any, precompute_reference_logps: bool
+) -> list[str]:
+    """What is wrong with the preference-loss settings (``loss_type``, ``label_smoothing``, ``simpo_gamma``)."""
+    problems = []
+    spec = PREFERENCE_LOSSES.get(loss_type) if isinstance(loss_type, str) else None
+    if spec is None:
+        problems.append(
+            f"loss_type must be one of {', '.join(PREFERENCE_LOSSES)}; got {loss_type!r} (set --model.loss_type)"
+        )
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 0.5):
+        problems.append(
+            f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r} (--model.label_smoothing)"
+        )
+    elif spec is not None and label_smoothing and not spec.uses_label_smoothing:
+        users = ", ".join(k for k, v in PREFERENCE_LOSSES.items() if v.uses_label_smoothing)
+        problems.append(
+            f"label_smoothing={label_smoothing} has no effect with loss_type {loss_type!r}: set"
+            f" --model.label_smoothing 0, or use one of {users}"
+        )
+    if not (isinstance(simpo_gamma, (int, float)) and math.isfinite(simpo_gamma) and simpo_gamma >= 0):
+        problems.append(f"simpo_gamma must be a finite number >= 0, got {simpo_gamma!r} (--model.simpo_gamma)")
+    if spec is not None and precompute_reference_logps and not spec.needs_reference:
+        problems.append(
+            f"precompute_reference_logps needs a reference model, but loss_type {loss_type!r} is reference-free:"
+            " there is nothing to precompute; set --model.precompute_reference_logps false"
+        )
+    return problems
 
 
 def run_folders(trainer: pl.Trainer | None) -> dict[str, str] | None:

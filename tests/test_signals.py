@@ -1,0 +1,193 @@
+"""SIGTERM / Ctrl-C during ``fit``: ``last.ckpt`` at the next optimizer-step boundary, a clear message, exit status
+128 + signum, and ``--ckpt_path last`` resumes exactly; prompt stops outside training; SLURM requeue; and the
+checkpoint-folder faults (concurrent runs, read-only folder, corrupt last.ckpt, another selector)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO
+
+from xright_pl.checkpoint import CheckpointError, checkpoint_step
+from xright_pl.cli import run
+from xright_pl.errors import ConfigError
+from xright_pl.signals import Interrupted, resume_command
+
+STEPS = 12
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses use 1 thread too: the same kernels, bit for bit
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(method: str, root: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        f"configs/demo/{method}.yaml",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks.every_n_train_steps",
+        "5",
+        "--data.sft.limit",
+        "48",
+        "--data.preference.limit",
+        "48",
+        "--data.batching.sft_batch_size",
+        "4",
+        "--data.batching.dpo_batch_size",
+        "2",
+        "--data.batching.eval_batch_size",
+        "8",
+        "--model.model_config.hidden_size",
+        "32",
+        "--model.model_config.intermediate_size",
+        "64",
+        "--model.model_config.attention_dropout",
+        "0.1",
+        "--summary.print_table",
+        "false",
+        *extra,
+    ]
+
+
+def _summary(root: Path) -> dict:
+    return json.loads((root / "summary.json").read_text())
+
+
+def _same_run(resumed: dict, full: dict) -> None:
+    for key in ("weights_sha256", "val/sft_loss", "val/dpo_loss", "optimizer_steps", "steps/sft", "steps/dpo"):
+        assert resumed[key] == full[key], (key, resumed[key], full[key])
+
+
+# ------------------------------------------------------------------------------ SIGTERM / SIGINT in training
+@pytest.mark.parametrize(
+    "method, extra, signum, micro",
+    [
+        ("alright", ["--model.accumulate_grad_batches", "2"], signal.SIGTERM, 1),  # between 2 micro-batches
+        ("mix", [], signal.SIGINT, 0),
+    ],
+)
+def test_signal_in_training_saves_at_the_step_boundary_and_resumes_exactly(
+    tmp_path, capsys, method, extra, signum, micro
+):
+    """The signal arrives at the start of step 7 (micro-batch 0 of 2 for ALRIGHT): the step is finished, last.ckpt
+    is saved at step 8 (not the periodic step 5), the run stops with 128 + signum and the resume command; the resumed
+    run ends exactly where an uninterrupted one does."""
+    full = tmp_path / "full"
+    run(_args(method, full, *extra))
+    root = tmp_path / "stopped"
+    sender = f"--trainer.callbacks+={{'class_path': 'signal_helpers.SignalAt', 'init_args': {{'step': 7, 'micro': {micro}, 'signum': {int(signum)}}}}}"
+    args = _args(method, root, *extra, sender)
+    with pytest.raises(Interrupted) as e:
+        run(args)
+    assert e.value.code == 128 + signum
+    last = root / "checkpoints" / "last.ckpt"
+    assert checkpoint_step(last) == 8
+    assert not (root / "summary.json").exists()
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(signum).name} at step 8" in err and str(last.resolve()) in err
+    assert resume_command(args) in err and resume_command(args).endswith("--ckpt_path last")
+    assert not (root / "checkpoints" / "xright.lock").exists()  # released on the way out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    run(_args(method, root, *extra, "--ckpt_path", "last"))
+    _same_run(_summary(root), _summary(full))
+    assert 0 < _summary(root)["tokens"] < _summary(full)["tokens"]  # it trained only the steps after step 8
+
+
+def test_sigterm_during_validation_stops_at_once(tmp_path, capsys):
+    """SIGTERM at the first batch of the step-6 validation: no further validation batch runs; the message names the
+    periodic checkpoint (step 5) to resume from."""
+    root = tmp_path / "run"
+    watcher = "--trainer.callbacks+=signal_helpers.SignalDuringValidation"
+    with pytest.raises(Interrupted) as e:
+        run(_args("mix", root, watcher))
+    assert e.value.code == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM during the validation at step 6" in err
+    assert str((root / "checkpoints" / "last.ckpt").resolve()) in err and "--ckpt_path last" in err
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 5
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xright_pl", *args],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigterm_during_tokenization_stops_the_process_at_once(tmp_path):
+    marker = tmp_path / "went_on"
+    p = _cli(
+        _args(
+            "alright",
+            tmp_path / "run",
+            f"--trainer.callbacks+={{'class_path': 'signal_helpers.SignalDuringDataLoad', 'init_args': {{'marker': '{marker}'}}}}",
+        )
+    )
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 143, err[-3000:]
+    assert not marker.exists()
+    assert "xright_pl: stopped by SIGTERM during start-up" in err and "Nothing was saved" in err
+    assert "Traceback" not in err
+
+
+def test_external_sigterm_from_another_process(tmp_path):
+    """The test process sends SIGTERM once the run reports step 4 (a marker file): last.ckpt at step 5, exit 143,
+    the printed command resumes to the uninterrupted run's weights."""
+    marker = tmp_path / "at_step_4"
+    root = tmp_path / "run"
+    waiter = f"--trainer.callbacks+={{'class_path': 'signal_helpers.WaitForSignalAt', 'init_args': {{'step': 4, 'marker': '{marker}'}}}}"
+    args = _args("maxright", root, "--trainer.callbacks.every_n_train_steps", "100", waiter)
+    p = _cli(args)
+    try:
+        while not marker.exists() and p.poll() is None:  # wait for the condition (a file), not for a delay
+            try:
+                p.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        assert marker.exists(), p.communicate()[1][-3000:]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err[-3000:]
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 5
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python -m xright_pl fit") and command.endswith("--ckpt_path last")
+    full = tmp_path / "full"
+    run(_args("maxright", full, "--trainer.callbacks.every_n_train_steps", "100"))
+    resumed = [a for a in __import__("shlex").split(command)[3:] if a != waiter]
+    run(resumed)
+    _same_run(_summary(root), _summary(full))

@@ -191,3 +191,143 @@ def test_external_sigterm_from_another_process(tmp_path):
     resumed = [a for a in __import__("shlex").split(command)[3:] if a != waiter]
     run(resumed)
     _same_run(_summary(root), _summary(full))
+
+
+# ------------------------------------------------------------------------------ SLURM requeue (without SLURM)
+def test_slurm_requeue_signal_checkpoints_at_the_step_boundary_then_requeues(tmp_path, monkeypatch):
+    """Under SLURMEnvironment(auto_requeue=True), SIGUSR1 between two micro-batches of step 3: last.ckpt and
+    Lightning's hpc_ckpt_1.ckpt (which the requeued job resumes from) are both written at step 4, then
+    `scontrol requeue <job>` runs and the run stops with 128 + SIGUSR1."""
+    import lightning.pytorch as pl
+    from helpers import demo_data, tiny_module
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.connectors import signal_connector
+    from signal_helpers import SignalAt
+
+    from xright_pl import Alright
+    from xright_pl.checkpoint import XRightCheckpoint
+    from xright_pl.signals import StopOnSignal
+
+    for k, v in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "n1",
+                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    calls = []
+    monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    t = pl.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=8,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        plugins=[SLURMEnvironment(auto_requeue=True)],
+        callbacks=[XRightCheckpoint(every_n_train_steps=100), StopOnSignal(), SignalAt(3, 1, int(signal.SIGUSR1))],
+    )
+    with pytest.raises(Interrupted) as e:
+        t.fit(tiny_module(Alright(seed=0), accumulate_grad_batches=2), datamodule=demo_data(limit=32))
+    assert e.value.code == 128 + signal.SIGUSR1
+    assert calls == [["scontrol", "requeue", "4242"]]
+    assert checkpoint_step(tmp_path / "hpc_ckpt_1.ckpt") == 4
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 4
+    assert "SLURM job was requeued" in str(e.value)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# ------------------------------------------------------------------------------ checkpoint-folder faults
+def _quick(method: str, root: Path, steps: int, *extra: str) -> list[str]:
+    return _args(method, root, "--trainer.val_check_interval", str(steps), *extra, steps=steps)
+
+
+def test_second_run_on_the_same_folder_is_refused_and_stale_lock_taken_over(tmp_path, caplog):
+    """A live run holds the folder: another fit there stops before training, naming the folder and the process.
+    A lock left by a dead process on this host is taken over with a warning."""
+    root = tmp_path / "run"
+    marker, release = tmp_path / "holding", tmp_path / "release"
+    holder = f"--trainer.callbacks+={{'class_path': 'signal_helpers.HoldAt', 'init_args': {{'step': 2, 'marker': '{marker}', 'release': '{release}'}}}}"
+    p = _cli(_quick("sft_only", root, 4, holder))
+    try:
+        while not marker.exists() and p.poll() is None:  # wait for the condition (a file), not for a delay
+            try:
+                p.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        assert marker.exists(), p.communicate()[1][-3000:]
+        with pytest.raises(CheckpointError) as e:
+            run(_quick("sft_only", root, 4))
+        msg = str(e.value)
+        folder = str((root / "checkpoints").resolve())
+        assert f"Checkpoint folder {folder!r} is in use by another run (process {p.pid} on host" in msg
+        assert "--trainer.default_root_dir" in msg
+        release.write_text("go")
+        _, err = p.communicate(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 4  # the first run's checkpoint, untouched
+    assert not (root / "checkpoints" / "xright.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = root / "checkpoints" / "xright.lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}))
+    with caplog.at_level("WARNING", logger="xright_pl.checkpoint"):
+        run(_quick("sft_only", root, 6, "--ckpt_path", "last"))
+    assert f"Taking over the stale lock {lock} of process {int(dead.stdout)}" in caplog.text
+    assert _summary(root)["optimizer_steps"] == 6 and not lock.exists()
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    folder = (root / "checkpoints").resolve()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # the tests run as root, for whom chmod does not forbid writes
+        if str(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    trained = []
+    monkeypatch.setattr("xright_pl.module.XRightModule.training_step", lambda *a: trained.append(1))
+    with pytest.raises(CheckpointError) as e:
+        run(_quick("sft_only", root, 4))
+    assert f"Checkpoint folder {str(folder)!r} cannot be written (Read-only file system)" in str(e.value)
+    assert "before training" in str(e.value) and trained == []
+
+
+def test_corrupt_last_checkpoint_names_the_file_and_the_kept_previous_one(tmp_path):
+    root = tmp_path / "run"
+    keep = ["--trainer.callbacks.keep_previous", "true"]
+    run(_quick("alright", root, 10, *keep))  # saves at 5 and 10
+    folder = root / "checkpoints"
+    last, prev = folder / "last.ckpt", folder / "prev-last.ckpt"
+    assert checkpoint_step(prev) == 5 and checkpoint_step(last) == 10
+    run(_quick("alright", root, 12, *keep, "--ckpt_path", "last"))  # now prev-last is step 10, last step 12
+    assert checkpoint_step(prev) == 10 and checkpoint_step(last) == 12
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError) as e:
+        run(_quick("alright", root, 14, *keep, "--ckpt_path", "last"))
+    msg = str(e.value)
+    assert (
+        f"Checkpoint '{last.resolve()}' could not be loaded" in msg or f"Checkpoint '{last}' could not be loaded" in msg
+    )
+    assert f"The previous good checkpoint is '{prev}' (step 10)" in msg and f"--ckpt_path {prev}" in msg
+    run(_quick("alright", root, 14, *keep, "--ckpt_path", str(prev)))
+    assert _summary(root)["optimizer_steps"] == 14
+
+
+def test_resuming_with_another_selector_is_refused(tmp_path):
+    root = tmp_path / "run"
+    run(_quick("alright", root, 4))
+    for other, key in (("maxright", "xright_pl.Maxright"), ("mix", "xright_pl.Mix")):
+        with pytest.raises(ConfigError) as e:
+            run(_quick(other, root, 6, "--ckpt_path", "last"))
+        msg = str(e.value)
+        assert f"trained with the selector xright_pl.Alright, this run uses {key}" in msg
+    run(_quick("mix", tmp_path / "mix", 4))
+    with pytest.raises(ConfigError, match="selector xright_pl.Mix, this run uses xright_pl.Alright"):
+        run(_quick("alright", tmp_path / "mix", 6, "--ckpt_path", "last"))

@@ -269,14 +269,21 @@ class StopOnSignal(Callback):
         _STATE.phase = "the end of training"
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
+        self._release(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, Interrupted) and not _STATE.context:
             print(f"xright_pl: {exception.message}", file=sys.stderr, flush=True)
-        self._release()
+        self._release(trainer)
 
-    def _release(self) -> None:
+    def _release(self, trainer: pl.Trainer) -> None:
+        # Lightning's teardown (after on_exception) puts back the handlers it found, ours: make it put back ours'.
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
+        mine = {self._requeue_signal} if self._requeue_signal is not None else set()
+        mine |= set(STOP_SIGNALS) if self._installed_here else set()
+        for s in mine:
+            if s in originals and s in _STATE.previous:
+                originals[s] = _STATE.previous[s] if _STATE.previous[s] is not None else signal.SIG_DFL
         self._requeue_requested = False
         _STATE.deferring = False
         _STATE.pending = None

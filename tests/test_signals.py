@@ -76,6 +76,11 @@ def _args(method: str, root: Path, *extra: str, steps: int = STEPS) -> list[str]
     ]
 
 
+def _callback(name: str, **init_args) -> str:
+    """``--trainer.callbacks+=`` for a callback of ``tests/signal_helpers.py``."""
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"signal_helpers.{name}", "init_args": init_args})
+
+
 def _summary(root: Path) -> dict:
     return json.loads((root / "summary.json").read_text())
 
@@ -102,7 +107,7 @@ def test_signal_in_training_saves_at_the_step_boundary_and_resumes_exactly(
     full = tmp_path / "full"
     run(_args(method, full, *extra))
     root = tmp_path / "stopped"
-    sender = f"--trainer.callbacks+={{'class_path': 'signal_helpers.SignalAt', 'init_args': {{'step': 7, 'micro': {micro}, 'signum': {int(signum)}}}}}"
+    sender = _callback("SignalAt", step=7, micro=micro, signum=int(signum))
     args = _args(method, root, *extra, sender)
     with pytest.raises(Interrupted) as e:
         run(args)
@@ -152,7 +157,7 @@ def test_sigterm_during_tokenization_stops_the_process_at_once(tmp_path):
         _args(
             "alright",
             tmp_path / "run",
-            f"--trainer.callbacks+={{'class_path': 'signal_helpers.SignalDuringDataLoad', 'init_args': {{'marker': '{marker}'}}}}",
+            _callback("SignalDuringDataLoad", marker=str(marker)),
         )
     )
     _, err = p.communicate(timeout=900)
@@ -167,7 +172,7 @@ def test_external_sigterm_from_another_process(tmp_path):
     the printed command resumes to the uninterrupted run's weights."""
     marker = tmp_path / "at_step_4"
     root = tmp_path / "run"
-    waiter = f"--trainer.callbacks+={{'class_path': 'signal_helpers.WaitForSignalAt', 'init_args': {{'step': 4, 'marker': '{marker}'}}}}"
+    waiter = _callback("WaitForSignalAt", step=4, marker=str(marker))
     args = _args("maxright", root, "--trainer.callbacks.every_n_train_steps", "100", waiter)
     p = _cli(args)
     try:
@@ -247,7 +252,7 @@ def test_second_run_on_the_same_folder_is_refused_and_stale_lock_taken_over(tmp_
     A lock left by a dead process on this host is taken over with a warning."""
     root = tmp_path / "run"
     marker, release = tmp_path / "holding", tmp_path / "release"
-    holder = f"--trainer.callbacks+={{'class_path': 'signal_helpers.HoldAt', 'init_args': {{'step': 2, 'marker': '{marker}', 'release': '{release}'}}}}"
+    holder = _callback("HoldAt", step=2, marker=str(marker), release=str(release))
     p = _cli(_quick("sft_only", root, 4, holder))
     try:
         while not marker.exists() and p.poll() is None:  # wait for the condition (a file), not for a delay
@@ -331,3 +336,66 @@ def test_resuming_with_another_selector_is_refused(tmp_path):
     run(_quick("mix", tmp_path / "mix", 4))
     with pytest.raises(ConfigError, match="selector xright_pl.Mix, this run uses xright_pl.Alright"):
         run(_quick("alright", tmp_path / "mix", 6, "--ckpt_path", "last"))
+
+
+# ------------------------------------------------------------------------------ DDP: every rank stops at one step
+def test_ddp_ranks_stop_together_at_the_step_boundary(tmp_path):
+    """SIGTERM to rank 0 only, between the two micro-batches of step 3: both ranks finish step 3, last.ckpt is
+    written once at step 4 and both stop with 143 (the signal is passed on, and the ranks agree at each step)."""
+    env = {**ENV}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in results] == [0, 1], proc.stderr[-3000:]
+    assert [(r["code"], r["global_step"]) for r in results] == [(143, 4), (143, 4)], proc.stderr[-3000:]
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 4
+    assert proc.returncode == 143
+
+
+def _ddp_worker(out_dir: str) -> None:
+    import lightning.pytorch as pl
+    from helpers import demo_data, tiny_module
+    from signal_helpers import SignalAt
+
+    from xright_pl import Alright
+    from xright_pl.checkpoint import XRightCheckpoint
+    from xright_pl.signals import StopOnSignal
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    callbacks = [XRightCheckpoint(every_n_train_steps=100), StopOnSignal()]
+    if rank == 0:
+        callbacks.append(SignalAt(3, 1))
+    trainer = pl.Trainer(
+        default_root_dir=out_dir,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    code = 0
+    try:
+        trainer.fit(tiny_module(Alright(seed=7), accumulate_grad_batches=2), datamodule=demo_data(limit=64))
+    except Interrupted as e:
+        code = e.code
+    Path(out_dir, f"rank{trainer.global_rank}.json").write_text(
+        json.dumps({"rank": trainer.global_rank, "code": code, "global_step": trainer.global_step})
+    )
+    sys.exit(code)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _ddp_worker(sys.argv[2])

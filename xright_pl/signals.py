@@ -73,6 +73,7 @@ class _State:
         self.phase = "start-up (configuration, model and data loading)"
         self.resume_command: Callable[[str], str] | None = None
         self.context = False  # stop_on_signals() is active (it prints the message)
+        self.forwarded: set[int] = set()
 
 
 _STATE = _State()
@@ -80,10 +81,10 @@ _STATE = _State()
 
 def _handler(signum: int, frame: Any) -> None:
     st = _STATE
-    if st.pid != os.getpid():  # a forked worker (data loader, tokenization pool): behave as without us
+    if st.pid != os.getpid():  # a forked worker (data loader, tokenization pool)
         if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
+            return  # Ctrl-C reaches the whole process group: the main process decides, and ends its workers
+        signal.signal(signum, signal.SIG_DFL)  # SIGTERM: as without us
         os.kill(os.getpid(), signum)
         return
     if st.deferring and not (signum == signal.SIGINT and st.pending == signal.SIGINT):
@@ -96,11 +97,21 @@ def _handler(signum: int, frame: Any) -> None:
                 ".\n".encode(),
             )
         st.pending = max(st.pending or 0, int(signum))
+        _forward(signum)
         connector = getattr(st.trainer, "_signal_connector", None)
         if connector is not None:
             connector.received_sigterm = False  # Lightning would stop after this micro-batch, mid-accumulation
         return
+    _forward(signum)
     raise Interrupted(signum, _immediate_message(signum))
+
+
+def _forward(signum: int) -> None:
+    """Pass the signal on to the processes Lightning launched (DDP ranks started by this one), as Lightning does."""
+    launcher = getattr(getattr(_STATE.trainer, "strategy", None), "launcher", None)
+    if launcher is not None and signum not in _STATE.forwarded:
+        _STATE.forwarded.add(signum)
+        launcher.kill(signum)
 
 
 def _immediate_message(signum: int) -> str:
@@ -117,7 +128,7 @@ def _last_checkpoint_note() -> str:
     path = _existing_last(_STATE.trainer)
     if path is None:
         return "No checkpoint of this run was written: nothing to resume from."
-    return f"The work since the last checkpoint {str(path)!r} is lost; resume from it with: " + _resume_hint(path)
+    return f"Nothing after the last checkpoint {str(path)!r} was kept; resume from it with:\n  " + _resume_hint(path)
 
 
 def _resume_hint(path: str | os.PathLike) -> str:
@@ -242,10 +253,12 @@ class StopOnSignal(Callback):
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _STATE.phase = "the sanity-check validation (before training)"
+        _take_back_from_lightning()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _STATE.phase = f"training (step {trainer.global_step})"
         _STATE.deferring = True
+        _take_back_from_lightning()
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _STATE.phase = "setup"
@@ -310,9 +323,9 @@ class StopOnSignal(Callback):
             self._save_and_stop(trainer, signum, requeue)
 
     def _save_and_stop(self, trainer: pl.Trainer, signum: int, requeue: bool = False) -> None:
-        _STATE.deferring = False
         _STATE.phase = f"the checkpoint at step {trainer.global_step}"
-        path = save_last(trainer)
+        path = save_last(trainer)  # still deferring: another SIGTERM does not cut the write (a 2nd Ctrl-C does)
+        _STATE.deferring = False
         extra = ""
         if requeue:
             # Lightning's own handler, now at a step boundary: hpc_ckpt_N.ckpt (resumed by the requeued job) and
@@ -331,6 +344,16 @@ class StopOnSignal(Callback):
             _handler(signum, frame)
         elif _STATE.trainer is not None:  # outside training: what Lightning does (checkpoint now, requeue)
             _STATE.trainer._signal_connector._slurm_sigusr_handler_fn(signum, frame)
+
+
+def _take_back_from_lightning() -> None:
+    """Replace Lightning's SIGTERM handler (registered at the start of the run; it calls ours after its own, which
+    sets the flag that stops after the current micro-batch and broadcasts from inside the handler) by ours alone.
+    Lightning puts back ours at its teardown, as the handler it found."""
+    if _STATE.pid == os.getpid() and threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if s in _STATE.previous:
+                signal.signal(s, _handler)
 
 
 def _at_step_boundary(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -71,7 +71,10 @@ def test_terminal_line_is_redrawn_and_finished(tmp_path):
     ]
 
 
-def test_resume_command_replaces_the_checkpoint_path():
-    argv = ["/x/xright_pl/__main__.py", "fit", "--config", "my run.yaml", "--ckpt_path", "a.ckpt", "--model.lam", "0.3"]
-    assert resume_command(argv) == "python -m xright_pl fit --config 'my run.yaml' --model.lam 0.3 --ckpt_path last"
-    assert resume_command(["pytest", "-q"]).startswith("trainer.fit(model, datamodule=data, ckpt_path='last')")
+def test_resume_command_replaces_the_checkpoint_path(monkeypatch):
+    args = ["fit", "--config", "my run.yaml", "--ckpt_path", "a.ckpt", "--model.lam", "0.3"]
+    assert resume_command(args) == "python -m xright_pl fit --config 'my run.yaml' --model.lam 0.3 --ckpt_path last"
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q"])
+    assert resume_command().startswith("trainer.fit(model, datamodule=data, ckpt_path='last')")
+    monkeypatch.setattr(sys, "argv", ["/x/xright_pl/__main__.py", *args])  # python -m xright_pl ...
+    assert resume_command() == resume_command(args)

@@ -16,8 +16,14 @@ module's training RNG stream and its step and token counters (see :meth:`XRightM
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import shlex
+import shutil
+import socket
+import sys
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -37,12 +43,14 @@ class CheckpointError(XRightError):
     """A checkpoint could not be written or read (disk full, permissions, corrupt file, ...)."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
 
     The data goes to a temporary file in the same folder, is flushed and ``fsync``-ed, then renamed over
     ``path`` (an atomic replace on POSIX and Windows). On any failure the temporary file is removed and
     ``path`` keeps its previous content. Errors from the file system become :class:`CheckpointError`.
+    ``keep_previous``: the file that ``path``'s previous content becomes (a hard link made before the replace,
+    so that ``path`` exists at every moment; a copy where hard links are not supported).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +60,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            _keep_copy(path, Path(keep_previous))
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -62,6 +72,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             raise CheckpointError(_write_error(path, e)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _keep_copy(path: Path, keep: Path) -> None:
+    """Make ``keep`` hold ``path``'s current content (atomically: a link or copy under a temporary name, renamed)."""
+    tmp = keep.parent / f".{keep.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, keep)
+    finally:
+        if tmp.exists():
+            os.unlink(tmp)
 
 
 def _write_error(path: Path, e: OSError) -> str:
@@ -116,15 +140,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Writes go through :func:`atomic_torch_save` (remote URLs fall back to Lightning's writer). Loads use
     ``torch.load(weights_only=True)``: a checkpoint holds tensors, numbers, strings and containers only, so
-    no code from the file is ever run.
+    no code from the file is ever run. A checkpoint that cannot be loaded is a :class:`CheckpointError` naming
+    the file and the other checkpoints of its folder to resume from instead.
+
+    Args:
+        keep_previous: when ``last.ckpt`` is replaced, keep its previous content as ``prev-last.ckpt`` (a good
+            fallback if ``last.ckpt`` is ever damaged; the folder then holds two checkpoints).
     """
+
+    def __init__(self, keep_previous: bool = False) -> None:
+        super().__init__()
+        self.keep_previous = keep_previous
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path)
-        atomic_torch_save(checkpoint, path)
+        keep = None
+        if self.keep_previous and os.path.basename(path) == LAST:
+            keep = os.path.join(os.path.dirname(path), PREVIOUS_LAST)
+        atomic_torch_save(checkpoint, path, keep_previous=keep)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         if "://" in str(path):
@@ -141,8 +177,111 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"Checkpoint {str(path)!r} could not be loaded ({type(e).__name__}: {first[:300]}). It is"
-                " corrupt, or not a checkpoint written by xright_pl; resume from another one."
+                f" corrupt (truncated?), or not a checkpoint written by xright_pl. {_fallbacks(Path(path))}"
             ) from None
+
+
+LAST = "last.ckpt"
+#: The previous ``last.ckpt`` (``keep_previous``); its name does not start with ``last`` so that ``--ckpt_path last``
+#: never picks it.
+PREVIOUS_LAST = "prev-last.ckpt"
+LOCK = "xright.lock"
+
+
+def _fallbacks(path: Path) -> str:
+    """Name the other loadable checkpoints of ``path``'s folder, newest first, and how to resume from one."""
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for other in others:
+        try:
+            step = checkpoint_step(other)
+        except Exception:  # noqa: BLE001 - damaged too: try the next one
+            continue
+        return (
+            f"The previous good checkpoint is {str(other)!r} (step {step}): resume from it with `--ckpt_path"
+            f" {shlex.quote(str(other))}` (and move the damaged file away before the next `--ckpt_path last`)."
+        )
+    return "No other checkpoint is kept in its folder: start again, or resume from a copy of an earlier one."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(folder: str | os.PathLike) -> Path:
+    """Create ``folder/xright.lock`` (pid, host, start time) or refuse if another live run holds it.
+
+    Creating it is also the write probe: a folder that cannot be written is a :class:`CheckpointError` here, before
+    any training. A lock left by a dead process on this host is taken over with a warning (one on another host
+    cannot be checked: it is refused, with the file to delete if that run is gone).
+    """
+    folder = Path(folder)
+    path = folder / LOCK
+    host = socket.gethostname()
+    info = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = _read_lock(path)
+                if other.get("host") == host and isinstance(other.get("pid"), int):
+                    if other["pid"] == os.getpid() or not _pid_alive(other["pid"]):
+                        if other["pid"] != os.getpid():
+                            log.warning(
+                                "Taking over the stale lock %s of process %d (no longer running) on %s.",
+                                path, other["pid"], host,
+                            )  # fmt: skip
+                        os.unlink(path)
+                        continue
+                who = f"process {other.get('pid', '?')} on host {other.get('host', '?')}"
+                since = f", started {other['started']}" if other.get("started") else ""
+                raise CheckpointError(
+                    f"Checkpoint folder {str(folder)!r} is in use by another run ({who}{since}; lock file"
+                    f" {str(path)!r}). Two runs writing the same folder would overwrite each other's checkpoints:"
+                    " wait for that run to end, or give this one another --trainer.default_root_dir (or checkpoint"
+                    f" dirpath). If that run is gone (e.g. it ran on another host), delete {str(path)!r}."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return path
+        raise CheckpointError(f"Could not take the lock {str(path)!r}: another run keeps replacing it.")
+    except OSError as e:
+        raise CheckpointError(
+            f"Checkpoint folder {str(folder)!r} cannot be written ({e.strerror or e}): checked before training, so"
+            " that no work is lost at the first save. Check the folder's permissions and free space, or point"
+            " --trainer.default_root_dir (or the checkpoint dirpath) at a writable folder."
+        ) from None
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def release_lock(path: Path | None) -> None:
+    if path is None:
+        return
+    if _read_lock(path).get("pid") == os.getpid():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class XRightCheckpoint(ModelCheckpoint):
@@ -154,7 +293,10 @@ class XRightCheckpoint(ModelCheckpoint):
       folder, which changes at every run), so ``python -m xright_pl fit ... --ckpt_path last`` resumes;
     - saves only between optimizer steps (never in the middle of gradient accumulation), with the state
       after the step: weights, optimizer, scheduler, selector, data position, RNG stream and counters;
-    - installs :class:`AtomicCheckpointIO` when the strategy uses Lightning's default checkpoint writer.
+    - installs :class:`AtomicCheckpointIO` when the strategy uses Lightning's default checkpoint writer;
+    - holds a lock file ``xright.lock`` (pid, host) in the folder during ``fit``: a second run writing the same
+      folder is refused before training (a lock of a dead process on this host is taken over with a warning);
+      taking it is also the write probe (a read-only folder fails before training, not at the first save).
 
     Args:
         dirpath: folder of the checkpoint files (None: ``<default_root_dir>/checkpoints``).
@@ -166,6 +308,8 @@ class XRightCheckpoint(ModelCheckpoint):
         mode: ``min`` or ``max`` for ``monitor``.
         train_time_interval: not supported with manual optimization (use every_n_train_steps).
         verbose: log every save.
+        keep_previous: keep the replaced ``last.ckpt`` as ``prev-last.ckpt``, a fallback if ``last.ckpt`` is
+            damaged (twice the disk space for the last checkpoint).
     """
 
     def __init__(
@@ -179,6 +323,7 @@ class XRightCheckpoint(ModelCheckpoint):
         mode: str = "min",
         train_time_interval: timedelta | None = None,
         verbose: bool = False,
+        keep_previous: bool = False,
     ) -> None:
         if not isinstance(every_n_train_steps, int) or isinstance(every_n_train_steps, bool) or every_n_train_steps < 0:
             raise ConfigError(
@@ -204,6 +349,8 @@ class XRightCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False,  # the data are endless streams: an epoch is no save point here
         )
         self._explicit_dirpath = dirpath is not None
+        self.keep_previous = keep_previous
+        self._lock: Path | None = None
 
     # The folder must be known before `setup` (Lightning resolves `ckpt_path="last"` first).
     def _default_dir(self, trainer: pl.Trainer) -> str:
@@ -218,8 +365,21 @@ class XRightCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = self._default_dir(trainer)
         super().setup(trainer, pl_module, stage)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        io = trainer.strategy.checkpoint_io
+        if type(io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(keep_previous=self.keep_previous)
+        elif isinstance(io, AtomicCheckpointIO) and self.keep_previous:
+            io.keep_previous = True
+        if stage == "fit" and trainer.is_global_zero and "://" not in str(self.dirpath):
+            self._lock = acquire_lock(self.dirpath)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        release_lock(self._lock)
+        self._lock = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        release_lock(self._lock)
+        self._lock = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -18,11 +18,13 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary
+from xright_pl.commandline import running
 from xright_pl.data.module import JointDataModule
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.metrics import TradeoffMetrics
 from xright_pl.module import XRightModule
 from xright_pl.progress import StepProgress
+from xright_pl.signals import StopOnSignal, stop_on_signals
 from xright_pl.trajectory import TrajectoryPlot
 
 #: Commands that are not Trainer methods: name -> "module:function".
@@ -56,6 +58,8 @@ class XRightCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
+        if not any(isinstance(c, StopOnSignal) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(StopOnSignal())  # last.ckpt at the step boundary on SIGTERM / Ctrl-C
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's model settings when resuming. (LightningCLI would replace them with the
@@ -105,6 +109,11 @@ def run(args: list[str] | None = None) -> object:
         from jsonargparse import CLI
 
         return CLI(_extra_command(argv[0]), args=argv[1:], as_positional=False)
+    with stop_on_signals(argv if argv and argv[0] == "fit" else None), running(argv):
+        return _lightning_cli(args)
+
+
+def _lightning_cli(args: list[str] | None) -> XRightCLI:
     return XRightCLI(
         XRightModule,
         JointDataModule,

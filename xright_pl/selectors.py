@@ -118,9 +118,31 @@ class Selector(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
 
+    # A stateless selector (Mix, Single) stores no callback state: the selector's name is stored on its own, so
+    # that resuming with another one is refused instead of silently starting the other's state from scratch.
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.state_key
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:  # older checkpoints: the state of a stateful selector names it
+            found = [k for k in checkpoint.get("callbacks", {}) if k in _STATEFUL_KEYS]
+            saved = found[0] if len(found) == 1 else None
+        if saved is not None and saved != self.state_key:
+            raise ConfigError(
+                f"The checkpoint was trained with the selector {saved}, this run uses {self.state_key}: the"
+                f" {saved} state (its generator, tracked losses or stage) would not be loaded, and the run would"
+                f" not continue the checkpoint's. Resume with the {saved} config (--model.selector {saved}), or"
+                " start a new run in another --trainer.default_root_dir."
+            )
+
     def describe(self) -> str:
         """One line for summaries and logs."""
         return type(self).__name__.lower()
+
+
+CHECKPOINT_KEY = "xright_pl_selector"
+_STATEFUL_KEYS = ("xright_pl.Alright", "xright_pl.Maxright", "xright_pl.Sequential")
 
 
 def check_lam(lam: float) -> None:

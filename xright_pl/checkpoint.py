@@ -266,6 +266,16 @@ def acquire_lock(folder: str | os.PathLike) -> Path:
         ) from None
 
 
+def _missing_dirs(folder: str | os.PathLike) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    missing = []
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def _read_lock(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text() or "{}")
@@ -371,15 +381,26 @@ class XRightCheckpoint(ModelCheckpoint):
         elif isinstance(io, AtomicCheckpointIO) and self.keep_previous:
             io.keep_previous = True
         if stage == "fit" and trainer.is_global_zero and "://" not in str(self.dirpath):
+            self._new_dirs = _missing_dirs(self.dirpath)
             self._lock = acquire_lock(self.dirpath)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _unlock(self) -> None:
+        """Release the folder; folders the lock created and nothing else filled are removed again (a run that
+        failed before its first checkpoint leaves no empty checkpoint folder behind)."""
         release_lock(self._lock)
         self._lock = None
+        for folder in getattr(self, "_new_dirs", []):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (a checkpoint was written) or already gone: keep it and the folders above
+        self._new_dirs = []
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unlock()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        release_lock(self._lock)
-        self._lock = None
+        self._unlock()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -32,7 +32,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "export": "xright_pl.export:export",
     "generate": "xright_pl.generate:generate",
     "judge": "xright_pl.judge:judge",
-    "optimum": "xright_pl.optimum:optimum",
+    "optimum": "xright_pl.commands.optimum:optimum",
 }
 
 

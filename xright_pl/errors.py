@@ -9,3 +9,7 @@ class XRightError(ValueError):
 
 class ConfigError(XRightError):
     """An invalid setting (lam outside [0, 1], k < 1, a missing optimum, ...)."""
+
+
+class DataError(XRightError):
+    """A data or data-config problem, with the source, the row, the field and how to fix it."""

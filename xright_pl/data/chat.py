@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from xright_pl.errors import DataError
+
 SENTINEL = "XRIGHTPLSENTINEL"
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -143,8 +145,6 @@ class ChatEncoder:
 
     def response_text(self, prompt: list[dict], response: str | list, prompt_text: str, where: str) -> str:
         """The rendering of ``prompt + response`` after the prompt's rendering ``prompt_text``."""
-        from xright_pl.data.sources import DataError
-
         resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
         full = self.tok.apply_chat_template(prompt + resp, tokenize=False)
         if not full.startswith(prompt_text):

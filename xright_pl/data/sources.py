@@ -31,7 +31,7 @@ import datasets
 
 from xright_pl.assets import resolve
 from xright_pl.data.chat import HH_TURN, ChatEncoder, has_chat_template, text_to_messages
-from xright_pl.errors import XRightError
+from xright_pl.errors import DataError
 from xright_pl.types import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,6 @@ _ROW_COLUMN = "_xright_row"
 _SKIP_COLUMN = "_xright_skip"
 #: Column of the tokenized sets: the row's position in its source file (after ``limit``), to find its text again.
 SOURCE_ROW_COLUMN = "source_row"
-
-
-class DataError(XRightError):
-    """A data or data-config problem, with the source, the row, the field and how to fix it."""
 
 
 # --------------------------------------------------------------------------------------------- configs

@@ -35,6 +35,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from xright_pl.errors import ConfigError, XRightError
+from xright_pl.lightning_private import save_last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +428,7 @@ class XRightCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the final state too (``--ckpt_path last`` with a larger ``max_steps`` trains on)."""
         if self.save_last and self._every_n_train_steps >= 1 and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last_checkpoint(self, trainer)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

@@ -20,6 +20,7 @@ from xright_pl.data.module import LENGTH_COLUMNS, REF_COLUMNS
 from xright_pl.data.streams import StreamTicket, row_lengths
 from xright_pl.distributed import check_agreement, fully_shard_model
 from xright_pl.errors import ConfigError, XRightError
+from xright_pl.lightning_private import replace_optimizers
 from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
 from xright_pl.losses import PREFERENCE_LOSSES, dpo_metrics, sequence_logps, sft_loss
 from xright_pl.metrics import StepLogWindow
@@ -674,12 +675,7 @@ class XRightModule(pl.LightningModule):
 
     def reset_optimizer(self) -> None:
         """Re-create the optimizer and LR scheduler (fresh state), e.g. at Sequential's switch."""
-        strategy = self.trainer.strategy
-        old = strategy._lightning_optimizers
-        strategy.setup_optimizers(self.trainer)
-        # The manual-optimization loop counts optimizer steps through hooks it put on the old wrappers.
-        for new, prev in zip(strategy._lightning_optimizers, old):
-            new._on_before_step, new._on_after_step = prev._on_before_step, prev._on_after_step
+        replace_optimizers(self.trainer)
 
     def reset_reference(self) -> None:
         """Make the reference a frozen copy of the policy as it stands now.

@@ -34,6 +34,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl.commandline import resume_command
+from xright_pl.lightning_private import (
+    cluster_environment,
+    forget_sigterm,
+    original_signal_handlers,
+    save_last_checkpoint,
+    should_accumulate,
+    slurm_requeue,
+)
 
 #: Signals that stop a run cleanly.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -99,9 +107,7 @@ def _handler(signum: int, frame: Any) -> None:
             )
         st.pending = max(st.pending or 0, int(signum))
         _forward(signum)
-        connector = getattr(st.trainer, "_signal_connector", None)
-        if connector is not None:
-            connector.received_sigterm = False  # Lightning would stop after this micro-batch, mid-accumulation
+        forget_sigterm(st.trainer)  # Lightning would stop after this micro-batch, mid-accumulation
         return
     _forward(signum)
     raise Interrupted(signum, _immediate_message(signum))
@@ -222,7 +228,7 @@ class StopOnSignal(Callback):
             self._installed_here = True
         _STATE.trainer = trainer
         _STATE.phase = "setup"
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
@@ -276,7 +282,7 @@ class StopOnSignal(Callback):
 
     def _release(self, trainer: pl.Trainer) -> None:
         # Lightning's teardown (after on_exception) puts back the handlers it found, ours: make it put back ours'.
-        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
+        originals = original_signal_handlers(trainer)
         mine = {self._requeue_signal} if self._requeue_signal is not None else set()
         mine |= set(STOP_SIGNALS) if self._installed_here else set()
         for s in mine:
@@ -315,7 +321,7 @@ class StopOnSignal(Callback):
         if requeue:
             # Lightning's own handler, now at a step boundary: hpc_ckpt_N.ckpt (resumed by the requeued job) and
             # `scontrol requeue`.
-            trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+            slurm_requeue(trainer, signum)
             extra = " The SLURM job was requeued; it resumes from the hpc checkpoint in default_root_dir."
         message = (
             f"stopped by {signal_name(signum)} at step {trainer.global_step}, after the last complete optimizer step;"
@@ -328,7 +334,7 @@ class StopOnSignal(Callback):
             self._requeue_requested = True
             _handler(signum, frame)
         elif _STATE.trainer is not None:  # outside training: what Lightning does (checkpoint now, requeue)
-            _STATE.trainer._signal_connector._slurm_sigusr_handler_fn(signum, frame)
+            slurm_requeue(_STATE.trainer, signum, frame)
 
 
 def _take_back_from_lightning() -> None:
@@ -344,7 +350,7 @@ def _take_back_from_lightning() -> None:
 def _at_step_boundary(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     if hasattr(pl_module, "_micro") and not pl_module.automatic_optimization:
         return pl_module._micro == 0  # xright_pl: 0 right after an optimizer step (or a skipped non-finite one)
-    return not trainer.fit_loop.epoch_loop._should_accumulate()
+    return not should_accumulate(trainer)
 
 
 def _agree(trainer: pl.Trainer, signum: int, requeue: bool) -> tuple[int, bool]:
@@ -361,7 +367,7 @@ def save_last(trainer: pl.Trainer) -> str:
     """Write ``last.ckpt`` now (all processes call this), where ``--ckpt_path last`` finds it; returns its path."""
     cb = _checkpoint_callback(trainer)
     if cb is not None and cb.save_last:
-        cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+        save_last_checkpoint(cb, trainer)
         return str(cb.last_model_path)
     path = _last_path(trainer)
     trainer.save_checkpoint(path)

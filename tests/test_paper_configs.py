@@ -112,7 +112,7 @@ def test_real_config_parses_with_its_settings_and_local_overrides(method, capsys
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     assert m["model"] == SMOLLM2 and d["tokenizer"] == SMOLLM2 and m.get("lora") is None
     assert m["selector"]["class_path"] == SELECTORS[method] and m["lam"] == 0.5 and m["beta"] == 0.1
-    assert m["optimizer"]["class_path"] == "torch.optim.AdamW" and m["optimizer"]["init_args"]["lr"] == 5e-5
+    assert m["optimizer"]["class_path"] == "torch.optim.AdamW" and m["optimizer"]["init_args"]["lr"] == 1e-5
     assert t["max_steps"] == 200 and t["default_root_dir"] == f"runs/real/smollm2/{method}"
     for part in ("sft", "preference"):
         assert d[part]["use_chat_template"] is True

@@ -91,3 +91,46 @@ def test_parallel_overlays_compose_with_a_paper_config(overlay, capsys):
         assert t["strategy"]["init_args"]["save_distributed_checkpoint"] is False
     else:
         assert t["strategy"] == "ddp"
+
+
+# ------------------------------------------------------------------ SmolLM2-135M-Instruct (configs/real/smollm2)
+REAL = REPO / "configs" / "real" / "smollm2"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_every_real_config_is_here():
+    assert sorted(p.stem for p in REAL.glob("*.yaml")) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_real_config_parses_with_its_settings_and_local_overrides(method, capsys):
+    """Parse-only (no model, no data): the hub defaults, then the offline overrides the header prints."""
+    path = REAL / f"{method}.yaml"
+    text = path.read_text()
+    assert f"python -m xright_pl fit --config configs/real/smollm2/{method}.yaml" in text
+    cfg = _resolved("--config", str(path), capsys=capsys)
+    m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
+    assert m["model"] == SMOLLM2 and d["tokenizer"] == SMOLLM2 and m.get("lora") is None
+    assert m["selector"]["class_path"] == SELECTORS[method] and m["lam"] == 0.5 and m["beta"] == 0.1
+    assert m["optimizer"]["class_path"] == "torch.optim.AdamW" and m["optimizer"]["init_args"]["lr"] == 1e-5
+    assert t["max_steps"] == 200 and t["default_root_dir"] == f"runs/real/smollm2/{method}"
+    for part in ("sft", "preference"):
+        assert d[part]["use_chat_template"] is True
+        assert d[part]["max_length"] == 128 and d[part]["max_prompt_length"] == 64
+    assert d["batching"]["group_by_length"] is True
+    args = m["selector"].get("init_args") or {}
+    if method in ("sft_only", "dpo_only"):
+        assert args["objective"] == method.removesuffix("_only")
+    if method == "sequential":
+        assert args["first"] == "sft" and "--model.selector.init_args.first dpo" in text
+    if method == "maxright":
+        assert args["optimum_file"] == "runs/real/smollm2/optimum.json" and "xright_pl optimum" in text
+    # The header's offline command line parses, and points everything at the local files.
+    block = text[text.index("Offline") :].split("\n#\n")[1]
+    local = " ".join(line.lstrip("# ").rstrip("\\ ") for line in block.splitlines()).split()
+    assert local[:5] == ["python", "-m", "xright_pl", "fit", "--config"]
+    cfg = _resolved("--config", str(path), *local[6:], capsys=capsys)
+    d = cfg["data"]
+    assert cfg["model"]["model"] == d["tokenizer"] == "../smollm2"
+    assert d["sft"]["path"].endswith("alpaca_gpt4_sft_train.jsonl") and d["preference"]["eval_split"] is None
+    assert d["preference"]["eval_path"].endswith("hh_rlhf_pref_eval.jsonl")

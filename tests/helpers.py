@@ -125,3 +125,30 @@ class PauseAfterFirstCheckpoint(pl.Callback):
             (root / "paused").write_text(str(trainer.global_step))
             while True:  # until SIGKILL
                 time.sleep(0.05)
+
+
+def small_fit_args(
+    method: str,
+    root: Path | str,
+    steps: int,
+    *extra: str,
+    val_every: int,
+    val_batches: int,
+    checkpoint_every: int,
+    eval_batch_size: int,
+) -> list[str]:
+    """``fit`` arguments for a small, fast CLI run of ``configs/demo/<method>.yaml`` in ``root`` (48 rows of each
+    data set, a narrower model with attention dropout so that the training RNG stream matters), then ``extra``."""
+    return [
+        "fit", "--config", f"configs/demo/{method}.yaml", "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
+        "--trainer.limit_val_batches", str(val_batches), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false", "--trainer.callbacks.every_n_train_steps", str(checkpoint_every),
+        "--data.sft.limit", "48", "--data.preference.limit", "48",
+        "--data.batching.sft_batch_size", "4", "--data.batching.dpo_batch_size", "2",
+        "--data.batching.eval_batch_size", str(eval_batch_size),
+        "--model.model_config.hidden_size", "32", "--model.model_config.intermediate_size", "64",
+        "--model.model_config.attention_dropout", "0.1",  # dropout draws: the training RNG stream must be restored
+        "--summary.print_table", "false",
+        *extra,
+    ]  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import REPO, demo_data, tiny_module, trainer
+from helpers import REPO, demo_data, small_fit_args, tiny_module, trainer
 
 from xright_pl import Alright, Mix, Sequential, Single
 from xright_pl.callbacks import weights_sha256
@@ -52,44 +52,10 @@ def _one_thread():
 
 
 def _args(method: str, root: Path) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        f"configs/demo/{method}.yaml",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.max_steps",
-        str(STEPS),
-        "--trainer.val_check_interval",
-        "15",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.logger",
-        "false",
-        "--trainer.callbacks.every_n_train_steps",
-        str(EVERY),
-        "--data.sft.limit",
-        "48",
-        "--data.preference.limit",
-        "48",
-        "--data.batching.sft_batch_size",
-        "4",
-        "--data.batching.dpo_batch_size",
-        "2",
-        "--data.batching.eval_batch_size",
-        "16",
-        "--model.model_config.hidden_size",
-        "32",
-        "--model.model_config.intermediate_size",
-        "64",
-        "--model.model_config.attention_dropout",
-        "0.1",  # dropout draws: the training RNG stream must be restored too
-        "--summary.print_table",
-        "false",
-        *METHODS.get(method, []),
-    ]
+    return small_fit_args(
+        method, root, STEPS, *METHODS.get(method, []),
+        val_every=15, val_batches=1, checkpoint_every=EVERY, eval_batch_size=16,
+    )  # fmt: skip
 
 
 def _summary(root: Path) -> dict:

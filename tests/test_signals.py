@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, small_fit_args
 
 from xright_pl.checkpoint import CheckpointError, checkpoint_step
 from xright_pl.cli import run
@@ -36,44 +36,9 @@ def _one_thread(monkeypatch):
 
 
 def _args(method: str, root: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        f"configs/demo/{method}.yaml",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.val_check_interval",
-        "6",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.logger",
-        "false",
-        "--trainer.callbacks.every_n_train_steps",
-        "5",
-        "--data.sft.limit",
-        "48",
-        "--data.preference.limit",
-        "48",
-        "--data.batching.sft_batch_size",
-        "4",
-        "--data.batching.dpo_batch_size",
-        "2",
-        "--data.batching.eval_batch_size",
-        "8",
-        "--model.model_config.hidden_size",
-        "32",
-        "--model.model_config.intermediate_size",
-        "64",
-        "--model.model_config.attention_dropout",
-        "0.1",
-        "--summary.print_table",
-        "false",
-        *extra,
-    ]
+    return small_fit_args(
+        method, root, steps, *extra, val_every=6, val_batches=2, checkpoint_every=5, eval_batch_size=8
+    )
 
 
 def _callback(name: str, **init_args) -> str:

@@ -103,7 +103,7 @@ def selector_for(method: str, seed: int, optimum_file: Path | None) -> dict[str,
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def fit(
+def fit_args(
     config: Path,
     run_dir: Path,
     selector: dict[str, Any],
@@ -112,15 +112,8 @@ def fit(
     steps: int,
     settings: list[str],
     optimum_file: Path | None = None,
-    reuse: bool = False,
-    threads: int | None = 1,
-) -> dict[str, Any]:
-    """One training run in its own process; its summary.json."""
-    summary_path = run_dir / "summary.json"
-    if reuse and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("optimizer_steps") == steps:
-            return summary
+) -> list[str]:
+    """The command line of one run (``sys.executable -m xright_pl fit ...``)."""
     args = [
         sys.executable,
         "-m",
@@ -148,6 +141,28 @@ def fit(
     if optimum_file is not None:
         args.append(f"--tradeoff.optimum_file={optimum_file}")
     args += [s if s.startswith("--") else f"--{s}" for s in settings]
+    return args
+
+
+def fit(
+    config: Path,
+    run_dir: Path,
+    selector: dict[str, Any],
+    lam: float,
+    seed: int,
+    steps: int,
+    settings: list[str],
+    optimum_file: Path | None = None,
+    reuse: bool = False,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """One training run in its own process; its summary.json."""
+    summary_path = run_dir / "summary.json"
+    if reuse and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("optimizer_steps") == steps:
+            return summary
+    args = fit_args(config, run_dir, selector, lam, seed, steps, settings, optimum_file)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.txt", "w") as logf:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -263,10 +263,11 @@ class _PoisonedSingle(Single):
 
 
 def _poison(module, selector, kind):
-    real = module.sft_objective
+    sft = module.objectives["sft"]  # the SFT objective plugin: patch its compute
+    real = sft.compute
 
-    def sft_objective(batch):
-        out = real(batch)
+    def compute(mod, batch):
+        out = real(mod, batch)
         selector.attempts += 1
         if selector.attempts - 1 in selector.bad_steps:
             if kind == "loss":
@@ -275,7 +276,7 @@ def _poison(module, selector, kind):
                 out.loss = out.loss + _NanGradient.apply(module.policy.lm_head.weight.sum())
         return out
 
-    module.sft_objective = sft_objective
+    sft.compute = compute
 
 
 class _NanGradient(torch.autograd.Function):

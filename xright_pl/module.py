@@ -7,7 +7,6 @@ import math
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,10 +21,11 @@ from xright_pl.distributed import check_agreement, fully_shard_model
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.lightning_private import replace_optimizers
 from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
-from xright_pl.losses import PREFERENCE_LOSSES, dpo_metrics, sequence_logps, sft_loss
+from xright_pl.losses import PREFERENCE_LOSSES, sequence_logps
 from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
-from xright_pl.selectors import OBJECTIVES, Decision, Selector, Sequential, StepContext, check_lam
+from xright_pl.objectives import Objective, ObjectiveOutput, PreferenceObjective, SFTObjective
+from xright_pl.selectors import Decision, Selector, Sequential, StepContext, check_lam
 from xright_pl.types import PreferenceBatch, SFTBatch
 
 log = logging.getLogger(__name__)
@@ -54,26 +54,6 @@ def _columns(dataset: Any) -> list[str]:
     """Column names of a ``datasets.Dataset`` or of the first row of a list of dicts."""
     names = getattr(dataset, "column_names", None)
     return list(names) if names is not None else list(dataset[0]) if len(dataset) else []
-
-
-@dataclass
-class ObjectiveOutput:
-    """One objective's forward pass on one micro-batch.
-
-    Attributes:
-        loss: scalar loss with its graph (SFT: token-mean NLL; DPO: pair-mean preference loss, see ``loss_type``).
-        num_tokens: 0-dim count of non-padding tokens processed.
-        num_examples: SFT rows or preference pairs in the batch.
-        metrics: detached scalars to log (``rewards/...``, ``logps/...``).
-        units: what ``loss`` averages over on this micro-batch (SFT: scored response tokens; DPO: pairs), set
-            by the training step from the host copy of the batch; ``None`` when unknown.
-    """
-
-    loss: Tensor
-    num_tokens: Tensor
-    num_examples: int
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    units: int | None = None
 
 
 class XRightModule(pl.LightningModule):
@@ -174,7 +154,12 @@ class XRightModule(pl.LightningModule):
         self.automatic_optimization = False
         self.lam = float(lam)
         self.beta = float(beta)
-        self.preference_loss = PREFERENCE_LOSSES[loss_type]
+        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`): the module runs
+        #: ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
+        self.objectives: dict[str, Objective] = {
+            "sft": SFTObjective("sft"),
+            "dpo": PreferenceObjective("dpo", loss_type, beta, label_smoothing, simpo_gamma),
+        }
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
@@ -183,11 +168,12 @@ class XRightModule(pl.LightningModule):
         self.reference: torch.nn.Module | None = None
         self.reference_is_initial = reference is None
         self.reference_released = False  # True once s_ref is cached in the data and the reference model freed
-        self.val_sft_loss = MeanMetric()
-        self.val_dpo_loss = MeanMetric()
-        self.val_dpo_accuracy = MeanMetric()
-        self.steps = {"sft": 0, "dpo": 0}
-        self.tokens = {"sft": 0, "dpo": 0}
+        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
+        self.val_metrics = torch.nn.ModuleDict(
+            {_metric_key(k): MeanMetric() for o in self.objectives.values() for k in o.validation_keys()}
+        )
+        self.steps = dict.fromkeys(self.objectives, 0)
+        self.tokens = dict.fromkeys(self.objectives, 0)
         self._micro = 0
         self._decision: Decision | None = None
         self._pre: dict[str, ObjectiveOutput] = {}
@@ -219,7 +205,7 @@ class XRightModule(pl.LightningModule):
         )
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        with_reference = with_reference and self.preference_loss.needs_reference  # simpo: no reference at all
+        with_reference = with_reference and self.needs_reference  # simpo: no reference at all
         if with_reference and hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
@@ -253,6 +239,11 @@ class XRightModule(pl.LightningModule):
         fully_shard_model(self.policy, mesh, mp)
         if self.reference is not None:
             fully_shard_model(self.reference, mesh, mp)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any objective uses the frozen reference (a reference-free loss such as SimPO does not)."""
+        return any(o.needs_reference for o in self.objectives.values())
 
     def train(self, mode: bool = True) -> XRightModule:
         super().train(mode)
@@ -381,9 +372,8 @@ class XRightModule(pl.LightningModule):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def sft_objective(self, batch: SFTBatch) -> ObjectiveOutput:
-        logits = self.forward_logits(batch.input_ids, batch.attention_mask)
-        loss, _ = sft_loss(logits, batch.labels)
-        return ObjectiveOutput(loss, batch.num_tokens(), batch.num_examples)
+        """The ``sft`` objective on ``batch`` (see :class:`~xright_pl.objectives.SFTObjective`)."""
+        return self.objective("sft", batch)
 
     @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch) -> Tensor:
@@ -403,25 +393,15 @@ class XRightModule(pl.LightningModule):
         return sequence_logps(logits.logits, batch.labels).logps
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
-        loss_fn = self.preference_loss
-        ref = self.reference_logps(batch) if loss_fn.needs_reference else None
-        seq = sequence_logps(self.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
-        logps, n, b = seq.logps, seq.num_tokens, batch.num_examples
-        hp = self.hparams
-        out = loss_fn(
-            logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:], self.beta,
-            chosen_tokens=n[:b], rejected_tokens=n[b:],
-            label_smoothing=hp.get("label_smoothing", 0.0), simpo_gamma=hp.get("simpo_gamma", 0.5),
-        )  # fmt: skip
-        metrics = dpo_metrics(out, logps[:b].detach(), logps[b:].detach())
-        return ObjectiveOutput(out.losses.mean(), batch.num_tokens(), b, metrics)
+        """The ``dpo`` objective on ``batch`` (see :class:`~xright_pl.objectives.PreferenceObjective`)."""
+        return self.objective("dpo", batch)
 
     def objective(self, name: str, batch: Any) -> ObjectiveOutput:
-        if name == "sft":
-            return self.sft_objective(batch)
-        if name == "dpo":
-            return self.dpo_objective(batch)
-        raise ConfigError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+        """Objective ``name``'s loss on ``batch`` (with its graph), its counts and metrics."""
+        objective = self.objectives.get(name)
+        if objective is None:
+            raise ConfigError(f"unknown objective {name!r}; this module has {', '.join(self.objectives)}")
+        return objective.compute(self, batch)
 
     # ------------------------------------------------------------------ training
     def _batch(self, batch: Mapping[str, Any], name: str) -> Any:
@@ -617,7 +597,7 @@ class XRightModule(pl.LightningModule):
         if grad_norm is not None:
             logs["train/grad_norm"] = grad_norm.detach()  # before clipping
         logs["train/nonfinite_skips"] = float(self.nonfinite_skips)
-        for name in OBJECTIVES:
+        for name in self.objectives:
             logs[f"tokens/{name}"] = float(self.tokens[name])
         self._step_outputs = {}
         max_steps = self.trainer.max_steps
@@ -685,7 +665,7 @@ class XRightModule(pl.LightningModule):
         """
         if self.reference_released:
             raise ConfigError("the reference model was released (precompute_reference_logps=True); it cannot be reset")
-        if not self.preference_loss.needs_reference:
+        if not self.needs_reference:
             return  # reference-free loss (simpo): there is no reference to reset
         if self.lora is not None:
             if self.reference is not None:
@@ -709,18 +689,24 @@ class XRightModule(pl.LightningModule):
         if self._micro == 0:
             super().on_validation_model_zero_grad()
 
+    def validation_objective(self, batch: Any, dataloader_idx: int = 0) -> Objective:
+        """The objective a validation batch belongs to: by loader when the data module names its validation
+        loaders (``val_names``), else the first objective that accepts the batch's type."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "val_names", None)
+        if names and dataloader_idx < len(names) and names[dataloader_idx] in self.objectives:
+            return self.objectives[names[dataloader_idx]]
+        for objective in self.objectives.values():
+            if objective.accepts(batch):
+                return objective
+        raise ConfigError(f"no objective of this module ({', '.join(self.objectives)}) takes a {type(batch).__name__}")
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if isinstance(batch, SFTBatch):
-            logits = self.forward_logits(batch.input_ids, batch.attention_mask)
-            loss, n_tokens = sft_loss(logits, batch.labels)
-            self.val_sft_loss.update(loss, n_tokens.to(loss.dtype))
-            self.log("val/sft_loss", self.val_sft_loss, on_epoch=True, add_dataloader_idx=False, prog_bar=True)
-        else:
-            out = self.dpo_objective(batch)
-            self.val_dpo_loss.update(out.loss, out.num_examples)
-            self.val_dpo_accuracy.update(out.metrics["rewards/accuracies"], out.num_examples)
-            self.log("val/dpo_loss", self.val_dpo_loss, on_epoch=True, add_dataloader_idx=False, prog_bar=True)
-            self.log("val/rewards_accuracies", self.val_dpo_accuracy, on_epoch=True, add_dataloader_idx=False)
+        objective = self.validation_objective(batch, dataloader_idx)
+        for key, (value, weight) in objective.validation_values(self, batch).items():
+            metric = self.val_metrics[_metric_key(key)]
+            metric.update(value, weight)
+            self.log(key, metric, on_epoch=True, add_dataloader_idx=False, prog_bar=key.endswith("_loss"))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -770,6 +756,11 @@ class XRightModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+def _metric_key(name: str) -> str:
+    """A metric name as a ``ModuleDict`` key (no dots or slashes)."""
+    return name.replace("/", "__").replace(".", "_")
 
 
 def _preference_loss_problems(

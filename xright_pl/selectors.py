@@ -141,6 +141,16 @@ class Selector(Callback):
         return type(self).__name__.lower()
 
 
+def selector_of(pl_module: Any) -> Selector | None:
+    """The selector of a module (its public ``selector``), or None when it has none (another module, or no
+    selector configured): what callbacks read instead of scanning ``trainer.callbacks``."""
+    try:
+        selector = getattr(pl_module, "selector", None)
+    except (ConfigError, RuntimeError):  # XRightModule without a selector
+        return None
+    return selector if isinstance(selector, Selector) else None
+
+
 CHECKPOINT_KEY = "xright_pl_selector"
 _STATEFUL_KEYS = ("xright_pl.Alright", "xright_pl.Maxright", "xright_pl.Sequential")
 

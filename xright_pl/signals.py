@@ -187,7 +187,8 @@ def _checkpoint_callback(trainer: pl.Trainer | None):
 
     if trainer is None:
         return None
-    return next((c for c in trainer.callbacks if isinstance(c, XRightCheckpoint)), None)
+    cb = trainer.checkpoint_callback  # Lightning's public accessor (the first ModelCheckpoint)
+    return cb if isinstance(cb, XRightCheckpoint) else None
 
 
 def _last_path(trainer: pl.Trainer) -> str:

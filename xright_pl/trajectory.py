@@ -22,10 +22,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from xright_pl.losses import sft_loss
 from xright_pl.metrics import optimum_of
 from xright_pl.optimum import Optimum
-from xright_pl.types import SFTBatch
+from xright_pl.selectors import selector_of
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +57,18 @@ def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
     dm = trainer.datamodule
     loaders = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    means = {"sft": MeanMetric().to(pl_module.device), "dpo": MeanMetric().to(pl_module.device)}
+    means: dict[str, MeanMetric] = {}
     was_training = pl_module.training
     pl_module.eval()
     try:
-        for loader in loaders:
+        for idx, loader in enumerate(loaders):
             for batch in _limited(loader, trainer.limit_val_batches):
                 batch = trainer.strategy.batch_to_device(batch)
-                if isinstance(batch, SFTBatch):
-                    loss, n_tokens = sft_loss(
-                        pl_module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels
-                    )
-                    means["sft"].update(loss, n_tokens.to(loss.dtype))
-                else:
-                    out = pl_module.dpo_objective(batch)
-                    means["dpo"].update(out.loss, out.num_examples)
+                objective = pl_module.validation_objective(batch, idx)
+                value, weight = objective.validation_values(pl_module, batch)[f"val/{objective.name}_loss"]
+                if objective.name not in means:
+                    means[objective.name] = MeanMetric().to(pl_module.device)
+                means[objective.name].update(value, weight)
     finally:
         pl_module.train(was_training)
     return {k: float(m.compute()) for k, m in means.items() if m.update_count > 0}
@@ -158,9 +154,7 @@ class TrajectoryPlot(Callback):
         return False
 
     def _title(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        from xright_pl.selectors import Selector
-
-        sel = next((c for c in trainer.callbacks if isinstance(c, Selector)), None)
+        sel = selector_of(pl_module)
         return f"{sel.describe() if sel else 'run'}, lam={getattr(pl_module, 'lam', '?')}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,5 +195,9 @@ class TrajectoryPlot(Callback):
         self.png_path = path
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """Fields for ``summary.json``: the PNG's path (None when none was drawn)."""
-        return {"trajectory_png": self.png_path} if self.enabled else {}
+        """Fields for ``summary.json``: the PNG's path (None when none was drawn) and the recorded points
+        ``[step, f_sft, f_dpo]`` (the start point first when ``evaluate_start``), so the path can be read without
+        the picture."""
+        if not self.enabled:
+            return {}
+        return {"trajectory_png": self.png_path, "trajectory": [list(p) for p in self.points]}

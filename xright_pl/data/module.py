@@ -189,6 +189,12 @@ class JointDataModule(pl.LightningDataModule):
             self._warned_short.add(name)
             log.warning(msg)
 
+    @property
+    def val_names(self) -> list[str]:
+        """The objective of each validation loader, in :meth:`val_dataloader`'s order."""
+        self.load()
+        return list(self.val_sets)
+
     def val_dataloader(self) -> list[DataLoader]:
         self.load()
         return [

@@ -75,6 +75,7 @@ class Selector(Callback):
 
     def __init__(self) -> None:
         self.lam: float | None = None
+        self._weights: dict[str, float] | None = None
         self.context = StepContext()
 
     # --- wiring ---------------------------------------------------------------------------------------
@@ -82,13 +83,39 @@ class Selector(Callback):
     def state_key(self) -> str:
         return f"xright_pl.{type(self).__qualname__}"
 
-    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
-        """Give the selector the trade-off weight ``lam`` (and facts about the run). Returns ``self``."""
-        check_lam(lam)
-        self.lam = float(lam)
+    def bind(self, lam: float | Mapping[str, float], context: StepContext | None = None) -> Selector:
+        """Give the selector the target's weights (and facts about the run). Returns ``self``.
+
+        ``lam`` is either the DPO weight of the two-objective target ``lam * f_dpo + (1 - lam) * f_sft`` or, for
+        any number of objectives, the weights ``{name: lambda_k}`` of ``sum_k lambda_k f_k`` (non-negative, summing
+        to 1, in the data sets' order). ``lam`` and ``{"sft": 1 - lam, "dpo": lam}`` are the same target.
+        """
+        if isinstance(lam, Mapping):
+            self._weights = check_weights(lam)
+            self.lam = self._weights["dpo"] if set(self._weights) == set(OBJECTIVES) else None
+        else:
+            check_lam(lam)
+            self.lam = float(lam)
+            self._weights = {"sft": 1.0 - self.lam, "dpo": self.lam}
         if context is not None:
             self.context = context
         return self
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The target's weight of each objective, ``{name: lambda_k}`` (``{"sft": 1 - lam, "dpo": lam}``)."""
+        if self._weights is None:
+            raise RuntimeError(f"{type(self).__name__} has no weights: call bind(lam) (the module does this).")
+        return dict(self._weights)
+
+    def objectives(self) -> tuple[str, ...]:
+        """The objective names, in the target's order."""
+        return tuple(self.weights)
+
+    def _one_objective(self) -> str | None:
+        """The only objective with a positive weight, if only one has (then every method trains only it)."""
+        positive = [k for k, w in self.weights.items() if w > 0]
+        return positive[0] if len(positive) == 1 else None
 
     def _lam(self) -> float:
         if self.lam is None:
@@ -155,6 +182,33 @@ CHECKPOINT_KEY = "xright_pl_selector"
 _STATEFUL_KEYS = ("xright_pl.Alright", "xright_pl.Maxright", "xright_pl.Sequential")
 
 
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """The weights ``{name: lambda_k}`` as floats, or a :class:`ConfigError` naming what is wrong."""
+    problems = []
+    if len(weights) < 1:
+        problems.append("no objectives")
+    for name, w in weights.items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            problems.append(f"{name}: {w!r} (must be a number >= 0)")
+    if not problems and abs(sum(weights.values()) - 1.0) > 1e-6:
+        problems.append(f"they sum to {sum(weights.values()):g}, not 1")
+    if problems:
+        raise ConfigError("objective weights: " + "; ".join(problems) + ". Give each data set a weight; they sum to 1.")
+    return {str(k): float(w) for k, w in weights.items()}
+
+
+def draw(weights: Mapping[str, float], u: float) -> str:
+    """The objective whose interval holds ``u`` in [0, 1), intervals of lengths ``weights`` laid out from the last
+    objective to the first (``{"sft": 1 - lam, "dpo": lam}``: DPO when ``u < lam``). Zero weights are never drawn."""
+    names = [k for k in reversed(list(weights)) if weights[k] > 0]
+    total = 0.0
+    for name in names:
+        total += weights[name]
+        if u < total:
+            return name
+    return names[-1]  # u within rounding of 1
+
+
 def check_lam(lam: float) -> None:
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not (0.0 <= float(lam) <= 1.0):
         raise ConfigError(
@@ -164,7 +218,11 @@ def check_lam(lam: float) -> None:
 
 
 class Alright(Selector):
-    """ALRIGHT: each optimizer step trains DPO with probability ``lam``, else SFT.
+    """ALRIGHT: each optimizer step trains DPO with probability ``lam``, else SFT; with K objectives, objective k
+    with probability ``lambda_k``.
+
+    One uniform draw ``u`` per step: the objectives' intervals of lengths ``lambda_k`` are laid out from the last
+    objective to the first, so for the pair ``u < lam`` is a DPO step, as it always was.
 
     The draw comes from a generator owned by this callback and seeded with ``seed``; every process holds
     the same generator, so every process takes the same branch, and the generator's state is saved in
@@ -183,7 +241,7 @@ class Alright(Selector):
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
         u = torch.rand((), generator=self.generator).item()
-        return Decision({"dpo": 1.0} if u < self._lam() else {"sft": 1.0})
+        return Decision({draw(self.weights, u): 1.0})
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "generator": self.generator.get_state()}
@@ -199,7 +257,8 @@ class Alright(Selector):
 class Maxright(Selector):
     """MAXRIGHT: train the objective with the larger weighted gap to its optimum.
 
-    DPO is trained when ``lam * (f_dpo - f_dpo_star) >= (1 - lam) * (f_sft - f_sft_star)``, else SFT. The
+    DPO is trained when ``lam * (f_dpo - f_dpo_star) >= (1 - lam) * (f_sft - f_sft_star)``, else SFT; with K
+    objectives, the one with the largest ``lambda_k (f_k - f_k*)`` (ties: the later objective). The
     losses ``f`` are tracked values: every ``eval_every`` optimizer steps (and at step 0) both objectives are
     evaluated on their current batches; in between, only the objective just trained is refreshed, from its
     own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10. With gradient
@@ -228,6 +287,7 @@ class Maxright(Selector):
         eval_every: re-evaluate both losses every this many optimizer steps (k >= 1).
         optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (instead of the two numbers).
         online_margin: relative margin of the online estimate (used only without given optima), in [0, 1).
+        f_star: the optima of any number of objectives, ``{name: f_k*}`` (instead of the pair's numbers).
     """
 
     name = "maxright"
@@ -239,10 +299,16 @@ class Maxright(Selector):
         eval_every: int = 10,
         optimum_file: str | None = None,
         online_margin: float = 0.1,
+        f_star: dict[str, float] | None = None,
     ):
         super().__init__()
         problems = []
         given = (f_sft_star is not None, f_dpo_star is not None)
+        if f_star is not None and (any(given) or optimum_file is not None):
+            problems.append("give f_star or f_sft_star/f_dpo_star/optimum_file, not both")
+        for nm, v in (f_star or {}).items():
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                problems.append(f"f_star[{nm!r}] must be a finite number, got {v!r}")
         if any(given) and not all(given):
             problems.append(
                 "MAXRIGHT needs both optima: set --model.selector.init_args.f_sft_star and f_dpo_star"
@@ -263,6 +329,7 @@ class Maxright(Selector):
         self.optimum = load_optimum(optimum_file) if optimum_file is not None else None
         if all(given):
             self.optimum = Optimum(float(f_sft_star), float(f_dpo_star))
+        self.given_star = {str(k): float(v) for k, v in f_star.items()} if f_star else None
         self.optimum_file = optimum_file
         self.online_margin = float(online_margin)
         self.val_min: dict[str, float] = {}
@@ -273,27 +340,35 @@ class Maxright(Selector):
     @property
     def online(self) -> bool:
         """True when the optima are estimated online (none were given)."""
-        return self.optimum is None
+        return self.optimum is None and self.given_star is None
 
     @property
     def f_star(self) -> dict[str, float]:
         """The optima in use: the given ones, or the online estimate (see the class docstring)."""
         if self.optimum is not None:
             return {"sft": self.optimum.f_sft, "dpo": self.optimum.f_dpo}
-        return {k: (1.0 - self.online_margin) * self.val_min[k] if k in self.val_min else 0.0 for k in OBJECTIVES}
+        if self.given_star is not None:
+            return dict(self.given_star)
+        names = self.objectives() if self._weights is not None else OBJECTIVES
+        return {k: (1.0 - self.online_margin) * self.val_min[k] if k in self.val_min else 0.0 for k in names}
 
     def observe_validation(self, losses: Mapping[str, float]) -> None:
         """Feed the online estimate one validation's losses (``{"sft": ..., "dpo": ...}``)."""
+        names = self.objectives() if self._weights is not None else OBJECTIVES
         for k, v in losses.items():
-            if k in OBJECTIVES and math.isfinite(float(v)):
+            if k in names and math.isfinite(float(v)):
                 self.val_min[k] = min(self.val_min.get(k, math.inf), float(v))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.optimum is not None and hasattr(pl_module, "beta"):
             self.optimum.check_beta(pl_module.beta)
         max_steps = trainer.max_steps
-        lam = getattr(pl_module, "lam", self.lam)
-        if max_steps is not None and 0 < max_steps <= self.eval_every and lam not in (0.0, 1.0):
+        if self._weights is not None and self.given_star is not None:
+            missing = [k for k in self.objectives() if k not in self.given_star]
+            if missing:
+                raise ConfigError(f"Maxright f_star has no optimum for {', '.join(missing)}: give one per objective")
+        several = self._weights is None or self._one_objective() is None
+        if max_steps is not None and 0 < max_steps <= self.eval_every and several:
             log.warning(
                 "Maxright: eval_every=%d is not smaller than max_steps=%d, so both losses are evaluated only at"
                 " step 0; after that each tracked loss is refreshed only from its own training steps (a stale value"
@@ -304,33 +379,36 @@ class Maxright(Selector):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.online and not trainer.sanity_checking:
             m = trainer.callback_metrics
-            self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in OBJECTIVES if f"val/{k}_loss" in m})
+            names = self.objectives() if self._weights is not None else OBJECTIVES
+            self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in names if f"val/{k}_loss" in m})
 
     def gaps(self) -> dict[str, float]:
-        """Weighted gaps ``{"sft": (1-lam)(f_sft - f*), "dpo": lam (f_dpo - f*)}`` of the tracked values."""
-        lam = self._lam()
+        """Weighted gaps ``{name: lambda_k (f_k - f_k*)}`` of the tracked values (the pair:
+        ``{"sft": (1-lam)(f_sft - f*), "dpo": lam (f_dpo - f*)}``)."""
         f_star = self.f_star
-        return {
-            "sft": (1.0 - lam) * (self.values["sft"] - f_star["sft"]),
-            "dpo": lam * (self.values["dpo"] - f_star["dpo"]),
-        }
+        return {k: w * (self.values[k] - f_star[k]) for k, w in self.weights.items() if w > 0}
 
     def needs(self, step: int) -> tuple[str, ...]:
-        if self._lam() in (0.0, 1.0):
-            return ()  # one objective has weight 0: nothing to compare
-        if step % self.eval_every == 0 or len(self.values) < 2:
-            return OBJECTIVES
+        if self._one_objective() is not None:
+            return ()  # one objective has all the weight: nothing to compare
+        names = tuple(k for k, w in self.weights.items() if w > 0)
+        if step % self.eval_every == 0 or any(k not in self.values for k in names):
+            return names
         return ()
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
-        lam = self._lam()
-        if lam in (0.0, 1.0):  # the target is one objective (as for ALRIGHT, Mix and Sequential at the ends)
-            return Decision({"dpo": 1.0} if lam == 1.0 else {"sft": 1.0})
+        only = self._one_objective()
+        if only is not None:  # the target is one objective (as for ALRIGHT, Mix and Sequential at the ends)
+            return Decision({only: 1.0})
         if losses:
             self.values.update({k: float(v) for k, v in losses.items()})
             self.evaluations += 1
         g = self.gaps()
-        return Decision({"dpo": 1.0} if g["dpo"] >= g["sft"] else {"sft": 1.0})
+        best = None
+        for name in reversed(list(g)):  # the later objective wins a tie (the pair: DPO when the gaps are equal)
+            if best is None or g[name] > g[best]:
+                best = name
+        return Decision({best: 1.0})
 
     def observe(self, step: int, decision: Decision, losses: Mapping[str, float]) -> None:
         self.values.update({k: float(v) for k, v in losses.items()})
@@ -346,6 +424,9 @@ class Maxright(Selector):
     def describe(self) -> str:
         if self.online:
             return f"maxright(k={self.eval_every}, f* online: running min of val losses, margin {self.online_margin})"
+        if self.given_star is not None:
+            stars = ", ".join(f"{k}*={v:.4g}" for k, v in self.given_star.items())
+            return f"maxright(k={self.eval_every}, {stars})"
         return f"maxright(k={self.eval_every}, f_sft*={self.f_star['sft']:.4g}, f_dpo*={self.f_star['dpo']:.4g})"
 
 
@@ -364,6 +445,11 @@ class Sequential(Selector):
         second_epochs: length of the second stage in epochs of its own data; the run ends there (or at
             ``max_steps`` if sooner). None: the second stage runs until ``max_steps``.
         reference: DPO reference in the second stage: ``initial`` or ``stage_start``.
+        stages: with any number of objectives: the objective names in the order they are trained, one stage
+            each (instead of ``first``). Stage k lasts ``lambda_k / sum(stage weights)`` of ``max_steps`` (rounded
+            at the cumulative boundaries), or ``stage_steps[k]`` steps. The optimizer is re-created at every
+            switch; the reference stays the initial model.
+        stage_steps: with ``stages``: the lengths in optimizer steps of every stage but the last.
     """
 
     name = "sequential"
@@ -375,9 +461,25 @@ class Sequential(Selector):
         switch_epochs: float | None = None,
         reference: Literal["initial", "stage_start"] = "initial",
         second_epochs: float | None = None,
+        stages: list[str] | None = None,
+        stage_steps: list[int] | None = None,
     ) -> None:
         super().__init__()
         problems = []
+        if stages is not None:
+            if len(stages) < 1 or len(set(stages)) != len(stages) or not all(isinstance(x, str) for x in stages):
+                problems.append(f"stages must be distinct objective names, got {stages!r}")
+            if switch_step is not None or switch_epochs is not None or second_epochs is not None:
+                problems.append("with stages, give the stage lengths as stage_steps (not switch_step/…_epochs)")
+            if reference != "initial":
+                problems.append("with stages, the reference stays the initial model (reference: initial)")
+            n = len(stages) - 1
+            if stage_steps is not None and (
+                len(stage_steps) != n or not all(isinstance(x, int) and x >= 0 for x in stage_steps)
+            ):
+                problems.append(f"stage_steps must be {n} integers >= 0 (all stages but the last), got {stage_steps!r}")
+        elif stage_steps is not None:
+            problems.append("stage_steps needs stages")
         if first not in OBJECTIVES:
             problems.append(f"first must be 'sft' or 'dpo', got {first!r}")
         if switch_step is not None and (not isinstance(switch_step, int) or switch_step < 0):
@@ -396,6 +498,9 @@ class Sequential(Selector):
         self.switch_epochs = switch_epochs
         self.second_epochs = second_epochs
         self.reference = reference
+        self.stages = list(stages) if stages is not None else None
+        self.stage_steps = list(stage_steps) if stage_steps is not None else None
+        self.stage_starts: list[int] = []  # with stages: the steps stages 2, 3, ... started (kept across resumes)
         self.switched_at: int | None = None  # the step the second stage started (kept across resumes)
         self._saved_boundary: int | None = None  # the switch step planned when the checkpoint was written
 
@@ -409,8 +514,16 @@ class Sequential(Selector):
             )
         return round(epochs * per_epoch)
 
-    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
+    def bind(self, lam: float | Mapping[str, float], context: StepContext | None = None) -> Selector:
         super().bind(lam, context)
+        if self.stages is not None:
+            unknown = [k for k in self.stages if k not in self.weights]
+            if unknown:
+                raise ConfigError(
+                    f"Sequential stages {', '.join(unknown)}: the run has no such objective (it has"
+                    f" {', '.join(self.weights)})"
+                )
+            return self
         known = self.context.steps_per_epoch or (self.switch_epochs is None and self.second_epochs is None)
         if known and self.switched_at is None and self._saved_boundary not in (None, self.boundary()):
             log.warning(
@@ -427,7 +540,30 @@ class Sequential(Selector):
             )  # fmt: skip
         return self
 
+    def stage_boundaries(self) -> list[int]:
+        """With ``stages``: the optimizer steps at which stages 2, 3, ... start (started ones as they happened)."""
+        if self.stage_steps is not None:
+            planned = [sum(self.stage_steps[: i + 1]) for i in range(len(self.stage_steps))]
+        else:
+            max_steps = self.context.max_steps
+            if max_steps is None or max_steps < 0:
+                raise ConfigError("Sequential(stages=...) needs --trainer.max_steps or stage_steps (the stage lengths)")
+            w = [self.weights[k] for k in self.stages]
+            total = sum(w) or 1.0
+            planned = [round(sum(w[: i + 1]) / total * max_steps) for i in range(len(w) - 1)]
+        return self.stage_starts + planned[len(self.stage_starts) :]
+
+    def _decide_stages(self, step: int) -> Decision:
+        bounds = self.stage_boundaries()
+        index = sum(1 for b in bounds if step >= b)
+        switch = index > 0 and step == bounds[index - 1] and bounds[index - 1] > 0
+        while len(self.stage_starts) < index:
+            self.stage_starts.append(bounds[len(self.stage_starts)])
+        return Decision({self.stages[index]: 1.0}, reset_optimizer=switch)
+
     def final_step(self) -> int | None:
+        if self.stages is not None:
+            return None
         if self.second_epochs is None:
             return None
         return self.boundary() + self._epochs_to_steps(self.second, self.second_epochs, "second_epochs")
@@ -450,6 +586,8 @@ class Sequential(Selector):
         return round(share_first * self.context.max_steps)
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
+        if self.stages is not None:
+            return self._decide_stages(step)
         b = self.boundary()
         if step < b:
             return Decision({self.first: 1.0})
@@ -463,6 +601,8 @@ class Sequential(Selector):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        if self.stages is not None:
+            return {"stage_starts": list(self.stage_starts)}
         planned = None
         try:
             planned = self.boundary()
@@ -471,17 +611,25 @@ class Sequential(Selector):
         return {"switched_at": self.switched_at, "boundary": planned}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage_starts = list(state_dict.get("stage_starts", []))
         self.switched_at = state_dict.get("switched_at")
         self._saved_boundary = state_dict.get("boundary")
 
     def describe(self) -> str:
+        if self.stages is not None:
+            try:
+                at = f", switches at steps {self.stage_boundaries()}"
+            except ConfigError:
+                at = ""
+            return f"sequential({'->'.join(self.stages)}{at})"
         end = self.final_step()
         until = f", end at step {end}" if end is not None else ""
         return f"sequential({self.first}->{self.second}, switch at step {self.boundary()}{until})"
 
 
 class Mix(Selector):
-    """Mix baseline: every step trains ``lam * f_dpo + (1 - lam) * f_sft`` on one batch of each.
+    """Mix baseline: every step trains ``lam * f_dpo + (1 - lam) * f_sft`` on one batch of each (with K objectives,
+    ``sum_k lambda_k f_k`` on one batch of every objective).
 
     The module runs the two objectives as two forward/backward passes into the same gradients, so peak
     memory is that of the larger graph, not the sum. A zero weight skips that objective entirely.
@@ -490,28 +638,30 @@ class Mix(Selector):
     name = "mix"
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:
-        lam = self._lam()
-        weights = {k: w for k, w in (("sft", 1.0 - lam), ("dpo", lam)) if w > 0}
-        return Decision(weights)
+        return Decision({k: w for k, w in self.weights.items() if w > 0})
 
 
 class Single(Selector):
     """One objective only (SFT-only or DPO-only runs, e.g. to measure the optima ``f*``).
 
     Args:
-        objective: ``sft`` or ``dpo``.
+        objective: the objective's name (``sft`` or ``dpo``, or a data set's name).
     """
 
     name = "single"
 
-    def __init__(self, objective: Literal["sft", "dpo"] = "sft") -> None:
+    def __init__(self, objective: str = "sft") -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+        if not isinstance(objective, str) or not objective:
+            raise ConfigError(f"objective must be an objective's name ('sft', 'dpo', a data set's), got {objective!r}")
         self.objective = objective
 
-    def bind(self, lam: float, context: StepContext | None = None) -> Selector:
+    def bind(self, lam: float | Mapping[str, float], context: StepContext | None = None) -> Selector:
         super().bind(lam, context)
+        if self.objective not in self.weights:
+            raise ConfigError(
+                f"Single(objective={self.objective!r}): the run has no such objective; it has {', '.join(self.weights)}"
+            )
         return self
 
     def decide(self, step: int, losses: Mapping[str, float]) -> Decision:

@@ -78,11 +78,13 @@ class RunSummary(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         tokens = sum(getattr(pl_module, "tokens", {}).values()) - self._tokens0
         selector = selector_of(pl_module)
+        target = pl_module.target() if hasattr(pl_module, "target") else None  # {name: lambda_k} with K data sets
         dm = getattr(trainer, "datamodule", None)
         out: dict[str, Any] = {
             "method": selector.name if selector else None,
             "selector": selector.describe() if selector else None,
-            "lam": getattr(pl_module, "lam", None),
+            "lam": getattr(pl_module, "lam", None) if not isinstance(target, dict) else None,
+            **({"weights": target} if isinstance(target, dict) else {}),
             **metrics,
             **{f"steps/{k}": v for k, v in getattr(pl_module, "steps", {}).items()},
             "optimizer_steps": trainer.global_step,

@@ -26,6 +26,7 @@ from torchmetrics import Metric
 
 from xright_pl.errors import ConfigError
 from xright_pl.optimum import Optimum, load_optimum
+from xright_pl.selectors import selector_of
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,13 @@ class TradeoffGap(Metric):
         }
 
 
+def tradeoff_gaps_k(losses: dict[str, float], f_star: dict[str, float]) -> dict[str, float]:
+    """``{"{name}_gap": f_k - f_k*, ..., "ideal_distance": sqrt(sum of squared gaps)}`` over the objectives of
+    ``losses`` (each must have an optimum in ``f_star``); for the pair the same numbers as :func:`tradeoff_gaps`."""
+    gaps = {f"{k}_gap": float(v) - float(f_star[k]) for k, v in losses.items()}
+    return {**gaps, "ideal_distance": math.sqrt(sum(g * g for g in gaps.values()))}
+
+
 def optimum_of(trainer: pl.Trainer) -> Optimum | None:
     """The optima known to this run: a :class:`TradeoffMetrics` callback's, else a MAXRIGHT selector's given
     optima (an online estimate does not count), else None."""
@@ -152,12 +160,22 @@ class TradeoffMetrics(Callback):
         optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (from ``python -m xright_pl optimum``).
         f_sft_star: optimum of the SFT loss (instead of a file).
         f_dpo_star: optimum of the DPO loss (instead of a file).
+        f_star: the optima of any number of objectives, ``{name: f_k*}``: logs ``val/{name}_gap`` for each and
+            ``val/ideal_distance`` (Euclidean over all of them). Without it, a MAXRIGHT selector's ``f_star``.
     """
 
     def __init__(
-        self, optimum_file: str | None = None, f_sft_star: float | None = None, f_dpo_star: float | None = None
+        self,
+        optimum_file: str | None = None,
+        f_sft_star: float | None = None,
+        f_dpo_star: float | None = None,
+        f_star: dict[str, float] | None = None,
     ) -> None:
         given = (f_sft_star is not None, f_dpo_star is not None)
+        if f_star is not None and (optimum_file is not None or any(given)):
+            raise ConfigError("TradeoffMetrics: give f_star or the pair's optima, not both.")
+        self._own_star = {str(k): float(v) for k, v in f_star.items()} if f_star else None
+        self.f_star: dict[str, float] | None = self._own_star
         if optimum_file is not None and any(given):
             raise ConfigError("TradeoffMetrics: give optimum_file or f_sft_star and f_dpo_star, not both.")
         if any(given) and not all(given):
@@ -173,6 +191,10 @@ class TradeoffMetrics(Callback):
         self._beaten: set[str] = set()  # objectives whose f* a validation went below (warned once)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.f_star = self._own_star
+        if self.f_star is None and self._own is None:
+            selector = selector_of(pl_module)
+            self.f_star = getattr(selector, "given_star", None)
         self.optimum = self._own
         if self.optimum is None:
             from xright_pl.selectors import Maxright
@@ -185,8 +207,25 @@ class TradeoffMetrics(Callback):
         if self.optimum is not None and hasattr(pl_module, "beta"):
             self.optimum.check_beta(pl_module.beta)
 
+    def _log_star_gaps(self, trainer: pl.Trainer) -> None:
+        """K objectives: ``val/{name}_gap`` for each objective with an optimum, and their Euclidean norm."""
+        metrics = trainer.callback_metrics
+        losses = {k: float(metrics[f"val/{k}_loss"]) for k in self.f_star if f"val/{k}_loss" in metrics}
+        if not losses:
+            return
+        gaps = tradeoff_gaps_k(losses, self.f_star)
+        self.last = {f"val/{k}": v for k, v in gaps.items()}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=max(trainer.global_step - 1, 0))
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.optimum is None:
+        if trainer.sanity_checking:
+            return
+        if self.f_star is not None:
+            return self._log_star_gaps(trainer)
+        if self.optimum is None:
             return
         metrics = trainer.callback_metrics
         if "val/sft_loss" not in metrics or "val/dpo_loss" not in metrics:
@@ -212,6 +251,8 @@ class TradeoffMetrics(Callback):
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the optima used and where they came from."""
+        if self.f_star is not None:
+            return {"f_star": dict(self.f_star)}
         if self.optimum is None:
             return {}
         return {"f_sft_star": self.optimum.f_sft, "f_dpo_star": self.optimum.f_dpo, "optimum": self.optimum.source}

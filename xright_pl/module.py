@@ -154,12 +154,6 @@ class XRightModule(pl.LightningModule):
         self.automatic_optimization = False
         self.lam = float(lam)
         self.beta = float(beta)
-        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`): the module runs
-        #: ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
-        self.objectives: dict[str, Objective] = {
-            "sft": SFTObjective("sft"),
-            "dpo": PreferenceObjective("dpo", loss_type, beta, label_smoothing, simpo_gamma),
-        }
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
@@ -168,12 +162,7 @@ class XRightModule(pl.LightningModule):
         self.reference: torch.nn.Module | None = None
         self.reference_is_initial = reference is None
         self.reference_released = False  # True once s_ref is cached in the data and the reference model freed
-        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
-        self.val_metrics = torch.nn.ModuleDict(
-            {_metric_key(k): MeanMetric() for o in self.objectives.values() for k in o.validation_keys()}
-        )
-        self.steps = dict.fromkeys(self.objectives, 0)
-        self.tokens = dict.fromkeys(self.objectives, 0)
+        self._use_objectives({"sft": "sft", "dpo": "preference"})
         self._micro = 0
         self._decision: Decision | None = None
         self._pre: dict[str, ObjectiveOutput] = {}
@@ -187,6 +176,46 @@ class XRightModule(pl.LightningModule):
         self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
         self._last_weights: Mapping[str, float] = {}
         self._nonfinite_in_a_row = 0
+
+    # ------------------------------------------------------------------ objectives
+    def _use_objectives(self, kinds: Mapping[str, str]) -> None:
+        """Build the objective plugins ``{name: kind}`` with their validation metrics and counters."""
+        hp = self.hparams
+        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`): the module runs
+        #: ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
+        self.objectives: dict[str, Objective] = {
+            name: SFTObjective(name)
+            if kind == "sft"
+            else PreferenceObjective(name, hp.loss_type, hp.beta, hp.label_smoothing, hp.simpo_gamma)
+            for name, kind in kinds.items()
+        }
+        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
+        self.val_metrics = torch.nn.ModuleDict(
+            {_metric_key(k): MeanMetric() for o in self.objectives.values() for k in o.validation_keys()}
+        )
+        self.steps = dict.fromkeys(self.objectives, 0)
+        self.tokens = dict.fromkeys(self.objectives, 0)
+
+    def setup(self, stage: str) -> None:
+        """Take the objectives from the data module when it names its own (``data.datasets``)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "objective_weights", None) is None:
+            return
+        if self.hparams.get("precompute_reference_logps"):
+            raise ConfigError(
+                "precompute_reference_logps is not available with data.datasets yet: set"
+                " --model.precompute_reference_logps false"
+            )
+        kinds = dm.objective_kinds
+        if {k: o.kind for k, o in self.objectives.items()} != kinds:
+            self._use_objectives(kinds)
+
+    def target(self) -> float | dict[str, float]:
+        """The weights of the trade-off this run trains: ``lam`` for the pair, or ``{name: lambda_k}`` from the
+        data module's ``datasets``."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        weights = getattr(dm, "objective_weights", None)
+        return self.lam if weights is None else dict(weights)
 
     # ------------------------------------------------------------------ model
     def configure_model(self, with_reference: bool = True) -> None:
@@ -279,7 +308,7 @@ class XRightModule(pl.LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        self.selector.bind(self.lam, self._step_context())
+        self.selector.bind(self.target(), self._step_context())
         if self.hparams.get("precompute_reference_logps"):
             self.precompute_reference()
         self._enter_training_modes()
@@ -302,7 +331,7 @@ class XRightModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # Again, now that the training streams exist: epoch-based settings (Sequential's switch_epochs) need
         # their steps per epoch, which are known only once Lightning has asked for the training loader.
-        self.selector.bind(self.lam, self._step_context())
+        self.selector.bind(self.target(), self._step_context())
 
     # ------------------------------------------------------------------ cached reference log-probs
     def precompute_reference(self) -> None:
@@ -544,7 +573,8 @@ class XRightModule(pl.LightningModule):
         self.reevaluated_forwards += sum(1 for k in values if k in self._decision.weights and k not in self._pre)
         self._last_weights = self._decision.weights
         # Every process must train the same objective(s): checked before any backward pass (one tiny all-gather).
-        check_agreement(self.trainer.strategy, step, self._decision, type(selector).__name__)
+        names = tuple(self.objectives)
+        check_agreement(self.trainer.strategy, step, self._decision, type(selector).__name__, names)
         if self._decision.reset_optimizer:
             self.reset_optimizer()
         if self._decision.reset_reference:

@@ -36,7 +36,7 @@ from xright_pl.types import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages")
+SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "prompt_chosen")
 PREFERENCE_FORMATS = ("auto", "prompt_chosen_rejected", "hh", "conversational")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -95,7 +95,8 @@ class SFTData:
     val_fraction: float = 0.05
     """Seeded fraction of the train rows held out when no eval source is given; 0 disables validation."""
     format: str = "auto"
-    """Row format: auto, alpaca (instruction/input/output), prompt_completion, or messages (chat)."""
+    """Row format: auto, alpaca (instruction/input/output), prompt_completion, messages (chat), or prompt_chosen
+    (the prompt and chosen answer of preference rows, e.g. SFT on HH-RLHF's preferred answers; never detected)."""
     max_length: int = 512
     """Maximum tokens per sequence (prompt + response + EOS); the response is cut from the right."""
     max_prompt_length: int = 256
@@ -439,6 +440,7 @@ def _required_fields(fmt: str) -> dict[str, tuple[type, ...]]:
     return {
         "alpaca": {"instruction": _STR, "output": _STR},
         "prompt_completion": {"prompt": _STR_OR_LIST, "completion": _STR_OR_LIST},
+        "prompt_chosen": {"prompt": _STR, "chosen": _STR},
         "messages": {"messages": (list,)},
         "prompt_chosen_rejected": {"prompt": _STR, "chosen": _STR, "rejected": _STR},
         "hh": {"chosen": _STR, "rejected": _STR},
@@ -527,8 +529,8 @@ def format_sft_row(
         if template is None:
             template = ALPACA_PROMPT_INPUT if inp.strip() else ALPACA_PROMPT_NO_INPUT
         return _fill(template, fields), row["output"]
-    if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
+    if fmt in ("prompt_completion", "prompt_chosen"):  # prompt_chosen: SFT on a preference set's chosen answers
+        prompt, completion = row["prompt"], row["completion" if fmt == "prompt_completion" else "chosen"]
         if isinstance(prompt, str) and template is not None:
             prompt = _fill(template, {"prompt": prompt})
         if chat and isinstance(prompt, str):

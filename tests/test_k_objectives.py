@@ -1,0 +1,124 @@
+"""More than two objectives: named data sets, each with its objective and weight, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from helpers import REPO, tiny_module, trainer
+
+from xright_pl import Batching, JointDataModule, Mix, PreferenceData, SFTData
+from xright_pl.cli import main, run
+from xright_pl.data.module import DataSet
+from xright_pl.selectors import Sequential
+
+CONFIG = REPO / "configs" / "demo" / "three_objectives.yaml"
+WEIGHTS = {"terse": 0.3, "polite": 0.2, "prefs": 0.5}
+
+
+def _summary(root: Path) -> dict:
+    return json.loads(sorted(root.rglob("summary.json"))[-1].read_text())
+
+
+def _fit(root: Path, *args: str) -> dict:
+    run(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+         "false", "--trainer.limit_val_batches", "1", *args])  # fmt: skip
+    return _summary(root)
+
+
+def test_three_objectives_each_get_their_share_of_steps(tmp_path):
+    """ALRIGHT over 200 steps: data set k trains Binomial(200, lambda_k) steps; accept +- 4 sd. Each step of a data
+    set consumes one batch of it (16 rows, 16 rows, 8 pairs), and every data set is validated."""
+    n = 200
+    s = _fit(tmp_path, "--trainer.max_steps", str(n), "--trainer.val_check_interval", str(n))
+    assert s["optimizer_steps"] == n and s["weights"] == WEIGHTS and s["lam"] is None
+    assert sum(s[f"steps/{k}"] for k in WEIGHTS) == n
+    for k, w in WEIGHTS.items():
+        assert abs(s[f"steps/{k}"] - n * w) <= 4 * math.sqrt(n * w * (1 - w)), (k, s[f"steps/{k}"])
+    assert (s["examples/terse"], s["examples/polite"], s["examples/prefs"]) == (
+        16 * s["steps/terse"], 16 * s["steps/polite"], 8 * s["steps/prefs"]
+    )  # fmt: skip
+    for key in ("val/terse_loss", "val/polite_loss", "val/prefs_loss", "val/prefs_rewards_accuracies"):
+        assert math.isfinite(s[key]), key
+    assert "val/sft_loss" not in s and "steps/sft" not in s
+
+
+def test_three_objectives_resume_exactly(tmp_path):
+    """A K-objective run stopped at step 20 and resumed to 40 ends with the uninterrupted run's weights."""
+    steps = ["--trainer.val_check_interval", "20"]
+    whole = _fit(tmp_path / "whole", "--trainer.max_steps", "40", *steps)
+    _fit(tmp_path / "split", "--trainer.max_steps", "20", *steps)
+    resumed = _fit(tmp_path / "split", "--trainer.max_steps", "40", *steps, "--ckpt_path", "last")
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert {k: resumed[f"steps/{k}"] for k in WEIGHTS} == {k: whole[f"steps/{k}"] for k in WEIGHTS}
+
+
+def test_maxright_with_f_star_logs_the_gaps_over_three_objectives(tmp_path):
+    stars = "{terse: 0.5, polite: 0.1, prefs: 0.2}"
+    s = _fit(tmp_path, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
+             "--model.selector", "xright_pl.Maxright", "--model.selector.init_args.f_star", stars,
+             "--model.selector.init_args.eval_every", "1")  # fmt: skip
+    gaps = {k: s[f"val/{k}_loss"] - v for k, v in {"terse": 0.5, "polite": 0.1, "prefs": 0.2}.items()}
+    for k, g in gaps.items():
+        assert s[f"val/{k}_gap"] == pytest.approx(g, abs=1e-5)
+    assert s["val/ideal_distance"] == pytest.approx(math.sqrt(sum(g * g for g in gaps.values())), abs=1e-5)
+    assert s["f_star"] == {"terse": 0.5, "polite": 0.1, "prefs": 0.2}
+
+
+def _three(limit: int = 32) -> JointDataModule:
+    sft = {"path": "builtin:demo/sft_train.jsonl", "eval_path": "builtin:demo/sft_eval.jsonl"}
+    pref = {"path": "builtin:demo/pref_train.jsonl", "eval_path": "builtin:demo/pref_eval.jsonl"}
+    common = {"max_length": 64, "limit": limit}
+    template = "Human: {instruction} {input} Assistant:"
+    return JointDataModule(
+        datasets=[
+            DataSet("terse", 0.3, sft=SFTData(**sft, prompt_template=template, **common)),
+            DataSet("polite", 0.2, sft=SFTData(**pref, format="prompt_chosen", **common)),
+            DataSet("prefs", 0.5, preference=PreferenceData(**pref, **common), batch_size=2),
+        ],
+        batching=Batching(sft_batch_size=4, eval_batch_size=32),
+    )
+
+
+def test_mix_and_sequential_stages_in_python(tmp_path):
+    """In Python: Mix trains every data set every step; Sequential's stages follow the weights (0.5, 0.3, 0.2 of 10
+    steps: prefs 5, terse 3, polite 2)."""
+    module = tiny_module(Mix())
+    t = trainer(tmp_path / "mix", 3)
+    t.fit(module, datamodule=_three())
+    assert module.steps == {"terse": 3, "polite": 3, "prefs": 3}
+    module = tiny_module(Sequential(stages=["prefs", "terse", "polite"]))
+    t = trainer(tmp_path / "seq", 10)
+    t.fit(module, datamodule=_three())
+    assert module.steps == {"terse": 3, "polite": 2, "prefs": 5}
+
+
+def test_polite_rows_train_on_the_chosen_answer():
+    dm = _three(limit=4)
+    dm.load()
+    row = dm.train_sets["polite"][0]
+    labels = [t for t in row["labels"] if t != -100]
+    assert "glad i could help" in dm.tokenizer.decode(labels)
+
+
+@pytest.mark.parametrize(
+    ("datasets", "message"),
+    [
+        ("[{name: a, weight: 0.5, sft: {path: builtin:demo/sft_train.jsonl}}]", "at least 2 data sets"),
+        ("[{name: a, weight: 0.5, sft: {path: x.jsonl}}, {name: b, weight: 0.4, sft: {path: y.jsonl}}]",
+         r"summing to 1, got \[0.5, 0.4\]"),
+        ("[{name: a, weight: 0.5, sft: {path: x.jsonl}}, {name: a, weight: 0.5, preference: {path: y.jsonl}}]",
+         "names used twice: a"),
+        ("[{name: a, weight: 0.5}, {name: b, weight: 0.5, sft: {path: y.jsonl}}]", "a: give exactly one of sft"),
+    ],
+)  # fmt: skip
+def test_bad_datasets_are_refused_with_every_problem(tmp_path, capsys, datasets, message):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(tmp_path), "--data.datasets", datasets])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Invalid data.datasets" in err and "Traceback" not in err
+    assert re.search(message, err), err

@@ -12,7 +12,7 @@ Rows (``system`` / ``step``):
 - ``xright_pl`` / the same steps through ``Trainer.fit`` with :class:`~xright_pl.XRightModule` (selectors
   ``Single``, ``Mix``, ``Maxright(eval_every=1)``; ``dpo_cached``: ``precompute_reference_logps=True``).
 - ``trl`` / ``dpo``, ``dpo_cached`` (``precompute_ref_log_probs``), ``sft``: TRL's trainers, if installed, with
-  TRL's config defaults (TRL 1.16: activation checkpointing on, bf16 autocast; ``--real-model`` turns both off).
+  activation checkpointing and bf16 autocast off (TRL 1.16 turns both on by default), as the other rows.
 - ``xright_pl`` / ``run_sequential``, ``run_alright``, ``run_maxright_k10``, ``run_mix``: whole runs of
   ``--run-steps`` optimizer steps; ``step_ms`` is wall time / steps.
 
@@ -726,10 +726,13 @@ def trl_step(setup: Setup, step: str, best: bool = False) -> Timed:
         seed=setup.seed,
         max_length=None,
     )
+    # The same work as the other rows: no activation checkpointing (TRL 1.16's default: on; transformers 5 renamed
+    # gradient_checkpointing to activation_checkpointing) and no bf16 autocast (TRL's default, even on a CPU).
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else ""
+    common.update({ckpt or "gradient_checkpointing": False}, bf16=False, fp16=False)
+    if setup.dtype == "bfloat16":
+        common.update(bf16=True)  # --gpu: bf16 weights, as the other rows
     if isinstance(setup, RealSetup):
-        # transformers 5 renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing
-        ckpt = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else ""
-        common.update({ckpt or "gradient_checkpointing": False}, bf16=False, fp16=False)
         common.update(train_sampling_strategy="sequential")
         if not best:
             common.update(pad_to_multiple_of=8)

@@ -11,7 +11,8 @@ from helpers import TINY_LLAMA, demo_data, tiny_module, trainer
 
 from xright_pl import Alright
 from xright_pl.cli import run
-from xright_pl.data.sources import DataError, load_tokenizer
+from xright_pl.data.encoding import load_tokenizer
+from xright_pl.errors import DataError
 from xright_pl.eval_callback import METRIC_KEYS, WinRateCallback
 from xright_pl.generate import generate, read_prompts
 from xright_pl.judge import instruction_to_messages, judge, pair_answers, wilson_interval, win_rate

@@ -202,7 +202,7 @@ def model_folder(tmp_path_factory):
     """A tiny random Llama saved with the demo tokenizer (which has a chat template): a stand-in for a real model."""
     from helpers import TINY_LLAMA
 
-    from xright_pl.data.sources import load_tokenizer
+    from xright_pl.data.encoding import load_tokenizer
     from xright_pl.models import build_causal_lm
 
     folder = tmp_path_factory.mktemp("real") / "model"

@@ -19,7 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from xright_pl.data.sources import SOURCE_ROW_COLUMN, eval_source
+from xright_pl.data.encoding import SOURCE_ROW_COLUMN
+from xright_pl.data.specs import eval_source
 from xright_pl.errors import ConfigError
 from xright_pl.generate import PromptEncoder, eos_token_ids, generate_batch, read_prompts
 from xright_pl.judge import RewardScorer, win_rate

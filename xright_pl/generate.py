@@ -30,12 +30,10 @@ import torch
 
 from xright_pl.assets import resolve
 from xright_pl.data.chat import ChatEncoder, text_to_messages
-from xright_pl.data.sources import (
+from xright_pl.data.encoding import _Encoder, load_tokenizer
+from xright_pl.data.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
-    DataError,
-    _Encoder,
-    _read_source,
     _response_text,
     _split_preference_row,
     _validate,
@@ -43,8 +41,9 @@ from xright_pl.data.sources import (
     detect_sft_format,
     format_preference_row,
     format_sft_row,
-    load_tokenizer,
 )
+from xright_pl.data.readers import _read_source
+from xright_pl.errors import DataError
 from xright_pl.models import _DTYPES, ModelError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from xright_pl.data.collate import collate_preference, collate_sft
-from xright_pl.data.sources import PreferenceData, SFTData, load_preference, load_sft, load_tokenizer
+from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
+from xright_pl.data.specs import PreferenceData, SFTData
 from xright_pl.data.streams import (
     BatchStream,
     TicketIterable,

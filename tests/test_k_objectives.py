@@ -122,3 +122,15 @@ def test_bad_datasets_are_refused_with_every_problem(tmp_path, capsys, datasets,
     err = capsys.readouterr().err
     assert "Invalid data.datasets" in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_trajectory_of_two_chosen_data_sets(tmp_path):
+    """``--trajectory.axes [terse, prefs]``: the start point and every validation in that plane; the last point is
+    the final validation's (val/terse_loss, val/prefs_loss); at the start the preference loss is ln 2 (policy =
+    reference)."""
+    s = _fit(tmp_path, "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+             "--trajectory.axes", "[terse, prefs]")  # fmt: skip
+    points = s["trajectory"]
+    assert [p[0] for p in points] == [0, 10, 20]
+    assert points[0][2] == pytest.approx(math.log(2), abs=1e-6)
+    assert points[-1][1:] == pytest.approx([s["val/terse_loss"], s["val/prefs_loss"]], abs=1e-6)

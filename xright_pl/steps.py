@@ -6,14 +6,14 @@ the loss evaluated with its graph for the selector, each trained objective's out
 computes the factor on each micro-batch's loss and the step's mean losses. No Lightning here: the module calls
 it from its hooks, and ``tests/test_steps.py`` runs it without a Trainer.
 
-One step, as the module drives it::
+One step, as the module drives it (``run(name)``: objective ``name``'s output on its micro-batch)::
 
-    acc.micro == 0:  values = acc.evaluate(selector.needs(step), run)  # the selector's look at the losses
-                     acc.choose(selector.decide(step, values), values)
-                     acc.start(lookahead_units(batch, acc.decision.weights, acc.accumulate), world_size)
-    every micro:     out = acc.take_evaluated(name) or run(name)
-                     backward(out.loss * acc.loss_scale(name, weight, out)); acc.record(name, out)
-                     if acc.end_micro_batch(): ... optimizer step ...; acc.finish()  (or acc.skip())
+    if acc.at_boundary:  values = acc.evaluate(selector.needs(step), run)   # what the selector looks at
+                         acc.choose(selector.decide(step, values), values)
+                         acc.start(lookahead_units(batch, acc.decision.weights, acc.accumulate), world_size, ...)
+    for each chosen name: out = acc.take_evaluated(name) or run(name)
+                         backward(out.loss * acc.loss_scale(name, weight, out)); acc.record(name, out)
+    if acc.end_micro_batch(): optimizer step, then acc.finish() (per-objective means); or acc.skip() (non-finite)
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "data": ("data",),
         "models": ("models", "lora"),
     },
-    {"training": ("module", "distributed", "metrics")},
+    {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics")},
     {"inference": ("generate", "judge", "export")},
     {"callbacks": ("callbacks", "checkpoint", "trajectory", "progress", "signals", "eval_callback")},
     {"commands": ("cli", "commands", "__main__", "")},  # "": the package's __init__ (its public names)

@@ -314,7 +314,7 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, caplog, kind):
     module = tiny_module(sel)
     _poison(module, sel, kind)
     t = trainer(tmp_path, 4)
-    with caplog.at_level(logging.WARNING, logger="xright_pl.module"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.guards"):
         t.fit(module, datamodule=demo_data(limit=32))
     assert t.global_step == 4 and sel.attempts == 5  # one extra batch for the skipped update
     assert module.steps == {"sft": 4, "dpo": 0} and module.nonfinite_skips == 1

@@ -136,7 +136,7 @@ def test_real_config_parses_with_its_settings_and_local_overrides(method, capsys
     assert d["preference"]["eval_path"].endswith("hh_rlhf_pref_eval.jsonl")
 
 
-# ------------------------------------------------------------------ three objectives on SmolLM2 (configs/real/smollm2_k3)
+# ------------------------------------------------------------ three objectives on SmolLM2 (configs/real/smollm2_k3)
 K3 = REPO / "configs" / "real" / "smollm2_k3"
 
 

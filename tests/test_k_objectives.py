@@ -134,3 +134,71 @@ def test_trajectory_of_two_chosen_data_sets(tmp_path):
     assert [p[0] for p in points] == [0, 10, 20]
     assert points[0][2] == pytest.approx(math.log(2), abs=1e-6)
     assert points[-1][1:] == pytest.approx([s["val/terse_loss"], s["val/prefs_loss"]], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------- refusals and extensions
+def test_resuming_with_other_objectives_is_refused(tmp_path, capsys):
+    """A checkpoint of the SFT/DPO pair resumed with three data sets: one clear error, before any step."""
+    from xright_pl.cli import main
+
+    root = tmp_path / "run"
+    pair = REPO / "configs" / "demo" / "alright.yaml"
+    run(["fit", "--config", str(pair), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4",
+         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"])  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "8",
+              "--ckpt_path", "last"])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "trained on the objectives sft, dpo; this run has terse, polite, prefs" in err and "Traceback" not in err
+
+
+def test_misspelled_single_objective_is_refused_before_the_model_is_built(tmp_path, capsys):
+    from xright_pl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(tmp_path),
+              "--model.selector", "xright_pl.Single", "--model.selector.init_args.objective", "prefz"])  # fmt: skip
+    assert e.value.code == 2
+    assert "Single(objective='prefz'): the run has no such objective; it has terse, polite, prefs" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_registered_objective_kind_is_chosen_by_config(tmp_path):
+    """``DataSet(objective=<kind>)`` builds the data set's objective from the registry; a kind whose batches do not
+    match the data is refused."""
+    from test_objectives import ResponseLengthSFT
+
+    from xright_pl.objectives import OBJECTIVE_KINDS, register_objective
+
+    register_objective(ResponseLengthSFT)
+    try:
+        dm = _three()
+        dm.datasets[0].objective = "test_sum_sft"
+        module = tiny_module(Mix())
+        t = trainer(tmp_path / "ok", 2)
+        t.fit(module, datamodule=dm)
+        assert type(module.objectives["terse"]) is ResponseLengthSFT and module.objectives["terse"].calls >= 2
+        assert module.objectives["polite"].kind == "sft" and module.objectives["prefs"].kind == "preference"
+        bad = _three()
+        bad.datasets[2].objective = "test_sum_sft"  # SFT batches wanted, preference pairs given
+        from xright_pl.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="'prefs': objective kind 'test_sum_sft' trains on SFTBatch"):
+            trainer(tmp_path / "bad", 2).fit(tiny_module(Mix()), datamodule=bad)
+    finally:
+        del OBJECTIVE_KINDS["test_sum_sft"]
+
+
+def test_maxright_and_sequential_refuse_what_does_not_fit_three_objectives():
+    from xright_pl.errors import ConfigError
+    from xright_pl.selectors import Maxright
+
+    with pytest.raises(ConfigError, match="no optimum for prefs"):
+        Maxright(f_star={"terse": 0.5, "polite": 0.1}).bind(WEIGHTS)
+    with pytest.raises(ConfigError, match="no optimum for terse, polite, prefs: it was given f_sft_star"):
+        Maxright(f_sft_star=1.0, f_dpo_star=0.5).bind(WEIGHTS)
+    Maxright(f_sft_star=1.0, f_dpo_star=0.5).bind(0.5)  # the pair's optima for the pair: fine
+    with pytest.raises(ConfigError, match="give their order.*stages '\\[terse, polite, prefs\\]'"):
+        Sequential().bind(WEIGHTS)

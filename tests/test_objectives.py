@@ -167,3 +167,23 @@ def test_module_routes_by_name_and_refuses_unknown_objectives():
 
     with pytest.raises(ConfigError, match="unknown objective 'kl'.*sft, dpo"):
         module.objective("kl", sft)
+
+
+def test_overriding_the_two_objective_hooks_still_replaces_the_loss(tmp_path):
+    """A subclass overriding ``dpo_objective`` (a custom loss, written before objectives were plugins) trains and
+    validates on it: the preference loss doubled doubles ``val/dpo_loss`` at the start (2 ln 2)."""
+
+    class DoubleDPO(type(tiny_module())):
+        def dpo_objective(self, batch):
+            out = super().dpo_objective(batch)
+            out.loss = out.loss * 2
+            return out
+
+    module = DoubleDPO(model_config=tiny_module().hparams.model_config, selector=Single("dpo"), lr_scheduler=None)
+    module.configure_model()
+    dm = demo_data(limit=8)
+    dm.load()
+    pref = collate_preference([dm.train_sets["dpo"][i] for i in range(2)], dm.pad_id)
+    assert module.objective("dpo", pref).loss.item() == pytest.approx(2 * math.log(2), abs=1e-6)
+    values = module.objectives["dpo"].validation_values(module, pref)
+    assert values["val/dpo_loss"][0].item() == pytest.approx(2 * math.log(2), abs=1e-6)

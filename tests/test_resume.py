@@ -280,11 +280,10 @@ class _PoisonedSingle(Single):
 
 
 def _poison(module, selector, kind):
-    sft = module.objectives["sft"]  # the SFT objective plugin: patch its compute
-    real = sft.compute
+    real = module.sft_objective
 
-    def compute(mod, batch):
-        out = real(mod, batch)
+    def sft_objective(batch):
+        out = real(batch)
         selector.attempts += 1
         if selector.attempts - 1 in selector.bad_steps:
             if kind == "loss":
@@ -293,7 +292,7 @@ def _poison(module, selector, kind):
                 out.loss = out.loss + _NanGradient.apply(module.policy.lm_head.weight.sum())
         return out
 
-    sft.compute = compute
+    module.sft_objective = sft_objective
 
 
 class _NanGradient(torch.autograd.Function):

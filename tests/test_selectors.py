@@ -288,3 +288,10 @@ def test_sequential_stages_split_max_steps_by_weight_and_resume():
         Sequential(stages=["hh", "x"]).bind(THREE)
     with pytest.raises(ValueError, match="stage_steps must be 2 integers"):
         Sequential(stages=["a", "b", "c"], stage_steps=[3])
+
+
+def test_maxright_nan_gap_picks_sft_as_before():
+    """The old rule ``dpo if g_dpo >= g_sft else sft`` sends any NaN gap to SFT; the K-way rule keeps that."""
+    for losses in ({"sft": float("nan"), "dpo": 1.0}, {"sft": 1.0, "dpo": float("nan")}):
+        sel = Maxright(f_sft_star=0.0, f_dpo_star=0.0, eval_every=1).bind(0.5)
+        assert sel.decide(0, losses).weights == {"sft": 1.0}

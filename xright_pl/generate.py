@@ -734,6 +734,8 @@ def generate(
     first = _read_source(prompts, split, 1).first()
     kind = "preference" if "chosen" in first and "rejected" in first else "sft"
     run_data = data_cfg.get(kind) or {}  # the training settings of this kind of rows
+    if data_cfg.get("datasets"):  # K data sets: the first of this kind (data.sft / data.preference were not used)
+        run_data = next((d.get(kind) for d in data_cfg["datasets"] if d.get(kind)), None) or {}
     from_run = prompt_template is None
     if from_run:
         prompt_template = run_data.get("prompt_template")

@@ -24,10 +24,10 @@ from xright_pl.lora import LoraSettings, apply_lora
 from xright_pl.losses import PREFERENCE_LOSSES
 from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
-from xright_pl.objectives import Objective, ObjectiveOutput, PreferenceObjective, SFTObjective
+from xright_pl.objectives import OBJECTIVE_KINDS, Objective, ObjectiveOutput
 from xright_pl.reference import cache_reference_logps, reference_logps, reset_to_policy
 from xright_pl.rng import RngStream
-from xright_pl.selectors import Selector, StepContext, check_lam
+from xright_pl.selectors import Selector, Single, StepContext, check_lam
 from xright_pl.steps import StepAccumulator, lookahead_units
 from xright_pl.types import PreferenceBatch, SFTBatch
 
@@ -174,14 +174,16 @@ class XRightModule(pl.LightningModule):
     # ------------------------------------------------------------------ objectives
     def _use_objectives(self, kinds: Mapping[str, str]) -> None:
         """Build the objective plugins ``{name: kind}`` with their validation metrics and counters."""
-        hp = self.hparams
-        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`): the module runs
-        #: ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
+        unknown = sorted({k for k in kinds.values() if k not in OBJECTIVE_KINDS})
+        if unknown:
+            raise ConfigError(
+                f"unknown objective kind {', '.join(unknown)}; registered: {', '.join(OBJECTIVE_KINDS)}"
+                " (xright_pl.objectives.register_objective adds one)"
+            )
+        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`) built from its registered kind: the
+        #: module runs ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
         self.objectives: dict[str, Objective] = {
-            name: SFTObjective(name)
-            if kind == "sft"
-            else PreferenceObjective(name, hp.loss_type, hp.beta, hp.label_smoothing, hp.simpo_gamma)
-            for name, kind in kinds.items()
+            name: OBJECTIVE_KINDS[kind].from_settings(name, self.hparams) for name, kind in kinds.items()
         }
         # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
         self.val_metrics = torch.nn.ModuleDict(
@@ -201,8 +203,21 @@ class XRightModule(pl.LightningModule):
                 " --model.precompute_reference_logps false"
             )
         kinds = dm.objective_kinds
-        if {k: o.kind for k, o in self.objectives.items()} != kinds:
+        if [(k, o.kind) for k, o in self.objectives.items()] != list(kinds.items()):
             self._use_objectives(kinds)
+        for name, objective in self.objectives.items():
+            rows = SFTBatch if dm.data_kind(name) == "sft" else PreferenceBatch
+            if not issubclass(rows, objective.batch_type):
+                raise ConfigError(
+                    f"data set {name!r}: objective kind {objective.kind!r} trains on {objective.batch_type.__name__}"
+                    f" batches, but its data is {dm.data_kind(name)} rows"
+                )
+        selector = self._selector or next((c for c in self.trainer.callbacks if isinstance(c, Single)), None)
+        if isinstance(selector, Single) and selector.objective not in self.objectives:
+            raise ConfigError(
+                f"Single(objective={selector.objective!r}): the run has no such objective; it has"
+                f" {', '.join(self.objectives)}"
+            )
 
     def target(self) -> float | dict[str, float]:
         """The weights of the trade-off this run trains: ``lam`` for the pair, or ``{name: lambda_k}`` from the
@@ -350,19 +365,34 @@ class XRightModule(pl.LightningModule):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def sft_objective(self, batch: SFTBatch) -> ObjectiveOutput:
-        """The ``sft`` objective on ``batch`` (see :class:`~xright_pl.objectives.SFTObjective`)."""
-        return self.objective("sft", batch)
+        """The ``sft`` objective on ``batch`` (see :class:`~xright_pl.objectives.SFTObjective`). A subclass (or an
+        instance attribute) that overrides it replaces the ``sft`` objective in training and validation, as
+        before objectives were plugins."""
+        return self._plugin("sft", batch)
 
     def reference_logps(self, batch: PreferenceBatch) -> Tensor:
         """``s_ref(y)`` for the ``[2B]`` sequences of ``batch`` (cached values when the batch carries them)."""
         return reference_logps(self.policy, self.reference, batch, self.reference_released)
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
-        """The ``dpo`` objective on ``batch`` (see :class:`~xright_pl.objectives.PreferenceObjective`)."""
-        return self.objective("dpo", batch)
+        """The ``dpo`` objective on ``batch`` (see :class:`~xright_pl.objectives.PreferenceObjective`); overridable
+        like :meth:`sft_objective`."""
+        return self._plugin("dpo", batch)
 
     def objective(self, name: str, batch: Any) -> ObjectiveOutput:
         """Objective ``name``'s loss on ``batch`` (with its graph), its counts and metrics."""
+        hook = _OBJECTIVE_HOOKS.get(name)
+        if hook is not None and (hook in self.__dict__ or getattr(type(self), hook) is not getattr(XRightModule, hook)):
+            return getattr(self, hook)(batch)  # the two-objective hook, overridden by a subclass or an attribute
+        return self._plugin(name, batch)
+
+    @property
+    def preference_loss(self) -> Any:
+        """The ``dpo`` objective's loss (a :class:`~xright_pl.losses.PreferenceLoss`), or None without one."""
+        dpo = self.objectives.get("dpo")
+        return getattr(dpo, "loss", None)
+
+    def _plugin(self, name: str, batch: Any) -> ObjectiveOutput:
         objective = self.objectives.get(name)
         if objective is None:
             raise ConfigError(f"unknown objective {name!r}; this module has {', '.join(self.objectives)}")
@@ -564,6 +594,23 @@ class XRightModule(pl.LightningModule):
             self.log(key, metric, on_epoch=True, add_dataloader_idx=False, prog_bar=key.endswith("_loss"))
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_resumed_objectives(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint trained on other objectives; warn when the target's weights changed."""
+        saved = list(state.get("objectives") or state.get("steps") or {})
+        if saved and set(saved) != set(self.objectives):
+            raise ConfigError(
+                f"The checkpoint was trained on the objectives {', '.join(saved)}; this run has"
+                f" {', '.join(self.objectives)}. Resume with the checkpoint's data sets (data.datasets / data.sft and"
+                " data.preference), or start a new run in another --trainer.default_root_dir."
+            )
+        weights = state.get("weights")
+        if isinstance(weights, dict) and self._trainer is not None and not _same(weights, self.target()):
+            log.warning(
+                "resuming with the target weights %r; the checkpoint was trained with %r. The run continues with the"
+                " new weights, so it is no longer the run the checkpoint started.",
+                self.target(), weights,
+            )  # fmt: skip
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite_weights(self.policy, self.global_step)
         checkpoint["xright_pl"] = {
@@ -577,6 +624,8 @@ class XRightModule(pl.LightningModule):
             "reevaluated_forwards": self.reevaluated_forwards,
             "last_weights": dict(self.accumulator.last_weights),
             "run": run_folders(self._trainer),
+            "objectives": {name: o.kind for name, o in self.objectives.items()},
+            "weights": self.target(),
         }
         if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
             # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
@@ -594,6 +643,7 @@ class XRightModule(pl.LightningModule):
                 key, self.hparams[key], saved[key],
             )  # fmt: skip
         state = checkpoint.get("xright_pl", {})
+        self._check_resumed_objectives(state)
         self.steps = dict(state.get("steps", self.steps))
         self.tokens = dict(state.get("tokens", self.tokens))
         self.reference_is_initial = state.get("reference_is_initial", self.reference_is_initial)
@@ -606,6 +656,10 @@ class XRightModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+#: The two-objective hooks a subclass may override (``objective(name)`` calls them when it does).
+_OBJECTIVE_HOOKS = {"sft": "sft_objective", "dpo": "dpo_objective"}
 
 
 def _metric_key(name: str) -> str:

@@ -17,6 +17,7 @@ log-probs, cached or computed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -70,6 +71,12 @@ class Objective:
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Objective:
+        """The objective ``name`` built from the module's settings (its hyperparameters: ``beta``, ``loss_type``,
+        ...); how the module builds each data set's objective from the registry."""
+        return cls(name)
 
     @property
     def needs_reference(self) -> bool:
@@ -143,6 +150,11 @@ class PreferenceObjective(Objective):
         self.label_smoothing = float(label_smoothing)
         self.simpo_gamma = float(simpo_gamma)
 
+    @classmethod
+    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> PreferenceObjective:
+        keys = ("loss_type", "beta", "label_smoothing", "simpo_gamma")
+        return cls(name, **{k: settings[k] for k in keys if k in settings})
+
     @property
     def needs_reference(self) -> bool:
         return self.loss.needs_reference
@@ -171,7 +183,10 @@ class PreferenceObjective(Objective):
         return "val/rewards_accuracies" if self.name == "dpo" else f"val/{self.name}_rewards_accuracies"
 
     def validation_values(self, module: Any, batch: PreferenceBatch) -> dict[str, tuple[Tensor, Tensor | int]]:
-        out = self.compute(module, batch)
+        # Through the module when it has one: a subclass overriding the two-objective ``dpo_objective`` hook
+        # validates on its own loss, as it trains on it.
+        run = getattr(module, "objective", None)
+        out = run(self.name, batch) if run is not None else self.compute(module, batch)
         accuracy = out.metrics[self._metric("rewards/accuracies")]
         return {
             f"val/{self.name}_loss": (out.loss, out.num_examples),

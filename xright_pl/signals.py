@@ -187,8 +187,8 @@ def _checkpoint_callback(trainer: pl.Trainer | None):
 
     if trainer is None:
         return None
-    cb = trainer.checkpoint_callback  # Lightning's public accessor (the first ModelCheckpoint)
-    return cb if isinstance(cb, XRightCheckpoint) else None
+    # Lightning's public list of checkpoint callbacks (XRightCheckpoint even behind a plain ModelCheckpoint)
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, XRightCheckpoint)), None)
 
 
 def _last_path(trainer: pl.Trainer) -> str:

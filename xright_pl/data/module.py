@@ -9,6 +9,7 @@ per objective.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -96,11 +97,19 @@ class DataSet:
     """Preference pairs (as ``data.preference``)."""
     batch_size: int | None = None
     """Rows (SFT) or pairs (preference) per micro-batch; None: ``batching.sft_batch_size`` / ``dpo_batch_size``."""
+    objective: str | None = None
+    """The objective's registered kind (``xright_pl.objectives.OBJECTIVE_KINDS``) when it is not the default for
+    its data (``sft`` for ``sft:`` rows, ``preference`` for ``preference:`` pairs), e.g. your own plugin."""
+
+    @property
+    def data_kind(self) -> str:
+        """``sft`` or ``preference``: which rows the data set holds (and how its batches are collated)."""
+        return "sft" if self.sft is not None else "preference"
 
     @property
     def kind(self) -> str:
-        """``sft`` or ``preference``."""
-        return "sft" if self.sft is not None else "preference"
+        """The objective's kind: ``objective``, else the data's default (``sft`` or ``preference``)."""
+        return self.objective or self.data_kind
 
 
 def check_datasets(datasets: Sequence[DataSet]) -> None:
@@ -120,7 +129,8 @@ def check_datasets(datasets: Sequence[DataSet]) -> None:
     if dupes:
         problems.append(f"names used twice: {', '.join(map(str, dupes))}")
     weights = [d.weight for d in datasets]
-    if any(not isinstance(w, (int, float)) or w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
+    if not numbers or any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
         problems.append(f"weights must be numbers >= 0 summing to 1, got {weights}")
     if problems:
         raise ConfigError("Invalid data.datasets:\n  - " + "\n  - ".join(problems))
@@ -189,7 +199,7 @@ class JointDataModule(pl.LightningDataModule):
             for d in self.datasets:
                 loaded = (
                     load_sft(d.sft, self.tokenizer, seed=self.seed)
-                    if d.kind == "sft"
+                    if d.data_kind == "sft"
                     else load_preference(d.preference, self.tokenizer, seed=self.seed)
                 )
                 self.train_sets[d.name] = loaded.train
@@ -225,15 +235,21 @@ class JointDataModule(pl.LightningDataModule):
         """``{name: lambda_k}`` with ``datasets``; None for the pair (whose weight is the module's ``lam``)."""
         return None if self.datasets is None else {d.name: float(d.weight) for d in self.datasets}
 
+    def data_kind(self, name: str) -> str:
+        """``sft`` or ``preference``: the rows of objective ``name`` (the pair: ``sft`` and ``dpo``)."""
+        if self.datasets is None:
+            return "sft" if name == "sft" else "preference"
+        return next(d.data_kind for d in self.datasets if d.name == name)
+
     def collate(self, name: str):
-        fn = collate_sft if self.objective_kinds[name] == "sft" else collate_preference
+        fn = collate_sft if self.data_kind(name) == "sft" else collate_preference
         return partial(fn, pad_id=self.pad_id, pad_to_multiple_of=self.batching.pad_to_multiple_of)
 
     def batch_size(self, name: str) -> int:
         own = next((d.batch_size for d in self.datasets or [] if d.name == name), None)
         if own is not None:
             return own
-        return self.batching.sft_batch_size if self.objective_kinds[name] == "sft" else self.batching.dpo_batch_size
+        return self.batching.sft_batch_size if self.data_kind(name) == "sft" else self.batching.dpo_batch_size
 
     # ---------------------------------------------------------------------------------------------
     def train_dataloader(self) -> CombinedLoader:
@@ -294,7 +310,7 @@ class JointDataModule(pl.LightningDataModule):
 
     def _length_order(self, name: str, dataset: Any, world_size: int):
         """The stream's ``order_fn`` for length-grouped batches (lengths read once, here)."""
-        lengths = row_lengths(dataset, LENGTH_COLUMNS["sft" if self.objective_kinds[name] == "sft" else "dpo"])
+        lengths = row_lengths(dataset, LENGTH_COLUMNS["sft" if self.data_kind(name) == "sft" else "dpo"])
         global_batch = self.batch_size(name) * world_size
         group, shuffle = self.batching.length_group_batches, self.batching.shuffle
         return lambda epoch, g: length_grouped_order(lengths, global_batch, group, g, shuffle)

@@ -97,6 +97,25 @@ class Maxright(Selector):
         self.values: dict[str, float] = {}
         self.evaluations = 0
 
+    def bind(self, lam: float | Mapping[str, float], context: Any = None) -> Maxright:
+        """As :meth:`Selector.bind`; refuses optima that do not cover every objective with a positive weight."""
+        super().bind(lam, context)
+        needed = [k for k, w in self.weights.items() if w > 0]
+        if self.given_star is not None:
+            have, how = set(self.given_star), "f_star"
+        elif self.optimum is not None:
+            have, how = set(OBJECTIVES), "f_sft_star/f_dpo_star (or optimum_file), the SFT/DPO pair's optima"
+        else:
+            return self
+        missing = [k for k in needed if k not in have]
+        if missing:
+            raise ConfigError(
+                f"Maxright has no optimum for {', '.join(missing)}: it was given {how}, and this run trains"
+                f" {', '.join(needed)}. Give f_star with one value per objective, e.g."
+                f" --model.selector.init_args.f_star '{{{', '.join(f'{k}: ...' for k in needed)}}}'"
+            )
+        return self
+
     @property
     def online(self) -> bool:
         """True when the optima are estimated online (none were given)."""
@@ -123,11 +142,11 @@ class Maxright(Selector):
         if self.optimum is not None and hasattr(pl_module, "beta"):
             self.optimum.check_beta(pl_module.beta)
         max_steps = trainer.max_steps
-        if self._weights is not None and self.given_star is not None:
-            missing = [k for k in self.objectives() if k not in self.given_star]
-            if missing:
-                raise ConfigError(f"Maxright f_star has no optimum for {', '.join(missing)}: give one per objective")
-        several = self._weights is None or self._one_objective() is None
+        target = pl_module.target() if hasattr(pl_module, "target") else getattr(pl_module, "lam", self.lam)
+        if isinstance(target, Mapping):
+            several = sum(1 for w in target.values() if w > 0) > 1
+        else:
+            several = target not in (0.0, 1.0)
         if max_steps is not None and 0 < max_steps <= self.eval_every and several:
             log.warning(
                 "Maxright: eval_every=%d is not smaller than max_steps=%d, so both losses are evaluated only at"
@@ -164,9 +183,11 @@ class Maxright(Selector):
             self.values.update({k: float(v) for k, v in losses.items()})
             self.evaluations += 1
         g = self.gaps()
-        best = None
-        for name in reversed(list(g)):  # the later objective wins a tie (the pair: DPO when the gaps are equal)
-            if best is None or g[name] > g[best]:
+        names = list(g)
+        # The later objective wins a tie; the pair: DPO when g_dpo >= g_sft, else SFT (a NaN gap: SFT, as always).
+        best = names[-1]
+        for name in reversed(names[:-1]):
+            if not g[best] >= g[name]:
                 best = name
         return Decision({best: 1.0})
 

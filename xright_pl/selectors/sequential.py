@@ -98,6 +98,12 @@ class Sequential(Selector):
 
     def bind(self, lam: float | Mapping[str, float], context: StepContext | None = None) -> Selector:
         super().bind(lam, context)
+        if self.stages is None and set(self.weights) != set(OBJECTIVES):
+            raise ConfigError(
+                f"Sequential without stages orders the SFT/DPO pair (first: sft or dpo); this run's objectives are"
+                f" {', '.join(self.weights)}: give their order, e.g. --model.selector.init_args.stages"
+                f" '[{', '.join(self.weights)}]'"
+            )
         if self.stages is not None:
             unknown = [k for k in self.stages if k not in self.weights]
             if unknown:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -46,7 +48,9 @@ KEEP_CHECKPOINT = ("sequential_sft_dpo", "alright")
 
 
 def local_settings(model_dir: Path, data_dir: Path) -> list[str]:
-    """Overrides that make the hub config run offline on the local export and the sample data."""
+    """Overrides that make the hub config run offline on the local export and the sample data (paths relative to
+    the working directory, as the runs are started from it)."""
+    model_dir, data_dir = Path(os.path.relpath(model_dir)), Path(os.path.relpath(data_dir))
     return [
         f"model.model={model_dir}",
         f"data.tokenizer={model_dir}",
@@ -79,6 +83,47 @@ def command_line(config: Path, run_dir: Path, method: str, seed: int, lam: float
     args = ["python", *args[1:]]
     text = " ".join(shlex.quote(a) for a in args)
     return text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
+
+
+def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
+    """Markdown: do the objectives conflict? The start point, each single-objective run's effect on the other
+    objective, and each Sequential run's losses at the start, at the stage switch and at the end."""
+    lines = ["# Do the objectives conflict?", "", "Validation losses (held-out rows); ln 2 = 0.6931 is the DPO loss of",
+             "the reference itself.", ""]  # fmt: skip
+    for seed in seeds:
+        seed_dir = runs / f"seed{seed}"
+        lines += [f"## seed {seed}", "", "| run | step | f_sft | f_dpo | rewards accuracy |", "|---|---|---|---|---|"]
+        start = None
+        for lam in lams:
+            for method in pareto.SEQUENTIAL:
+                path = seed_dir / f"lam{pareto.fmt_lam(lam)}" / method / "summary.json"
+                if path.is_file():
+                    points = json.loads(path.read_text()).get("trajectory") or []
+                    start = start or next((p for p in points if p[0] == 0), None)
+        if start:
+            lines.append(f"| start (the pretrained model) | 0 | {start[1]:.4f} | {start[2]:.4f} | |")
+        for method in ("sft_only", "dpo_only"):
+            path = seed_dir / method / "summary.json"
+            if path.is_file():
+                s = json.loads(path.read_text())
+                lines.append(
+                    f"| {method} | {s['optimizer_steps']} | {s['val/sft_loss']:.4f} | {s['val/dpo_loss']:.4f} |"
+                    f" {s.get('val/rewards_accuracies', math.nan):.3f} |"
+                )
+        for lam in lams:
+            for method in pareto.SEQUENTIAL:
+                path = seed_dir / f"lam{pareto.fmt_lam(lam)}" / method / "summary.json"
+                if not path.is_file():
+                    continue
+                s = json.loads(path.read_text())
+                for step, f_sft, f_dpo in s.get("trajectory") or []:
+                    if step == 0:
+                        continue
+                    acc = f" {s.get('val/rewards_accuracies', math.nan):.3f}" if step == s["optimizer_steps"] else ""
+                    name = f"{pareto.METHODS[method]}, lam {lam:g}"
+                    lines.append(f"| {name} | {step} | {f_sft:.4f} | {f_dpo:.4f} |{acc} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     # Gather: every run is reused, so this only writes the table and the picture.
     pareto.run_benchmark(a.config.resolve(), a.out, a.seeds, a.lams, a.steps, a.methods, settings, True, runs, 1)
     (a.out / "commands.txt").write_text("\n".join(sorted(commands)) + "\n")
+    (a.out / "conflict.md").write_text(conflict_report(runs, a.seeds, a.lams))
     for summary in runs.rglob("summary.json"):
         dest = a.out / "runs" / summary.relative_to(runs)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, load_optimum
+from xright_pl.optimum import Optimum, OptimumK, load_optimum
 from xright_pl.selectors import selector_of
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class TradeoffMetrics(Callback):
     ``trainer.callback_metrics``, so :class:`~xright_pl.callbacks.RunSummary` puts them in ``summary.json``.
 
     Args:
-        optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (from ``python -m xright_pl optimum``).
+        optimum_file: JSON file from ``python -m xright_pl optimum``: the pair's ``f_sft_star`` and
+            ``f_dpo_star``, or (from ``--datasets_config`` (``data.datasets``)) every data set's ``f_star``.
         f_sft_star: optimum of the SFT loss (instead of a file).
         f_dpo_star: optimum of the DPO loss (instead of a file).
         f_star: the optima of any number of objectives, ``{name: f_k*}``: logs ``val/{name}_gap`` for each and
@@ -182,8 +183,15 @@ class TradeoffMetrics(Callback):
             raise ConfigError("TradeoffMetrics needs both f_sft_star and f_dpo_star (or an optimum_file).")
         self.optimum_file = optimum_file
         self._own: Optimum | None = None
+        #: A named objectives' optimum file (its ``f_star`` is used); None otherwise.
+        self.optimum_k: OptimumK | None = None
         if optimum_file is not None:
-            self._own = load_optimum(optimum_file)
+            loaded = load_optimum(optimum_file)
+            if isinstance(loaded, OptimumK):
+                self.optimum_k = loaded
+                self._own_star = self.f_star = dict(loaded.f_star)
+            else:
+                self._own = loaded
         elif all(given):
             self._own = Optimum(float(f_sft_star), float(f_dpo_star))
         self.optimum: Optimum | None = self._own
@@ -204,8 +212,37 @@ class TradeoffMetrics(Callback):
                 sel = pl_module._selector
                 found = [sel] if isinstance(sel, Maxright) and sel.optimum is not None else []
             self.optimum = found[0].optimum if found else None
-        if self.optimum is not None and hasattr(pl_module, "beta"):
-            self.optimum.check_beta(pl_module.beta)
+        for measured in (self.optimum, self.optimum_k):
+            if measured is not None and hasattr(pl_module, "beta"):
+                measured.check_beta(pl_module.beta)
+
+    def check_objectives(self, pl_module: pl.LightningModule) -> None:
+        """Refuse optima of its own (a file, the pair's numbers or ``f_star``) that miss an objective of the run."""
+        names = list(getattr(pl_module, "objectives", None) or ())
+        if not names:
+            return
+        if self._own is not None:
+            have = {"sft", "dpo"}
+            how = f"the SFT/DPO pair's optima ({self._own.source})"
+        elif self._own_star is not None:
+            have = set(self._own_star)
+            how = f"optima of {', '.join(self._own_star)}" + (f" ({self.optimum_k.source})" if self.optimum_k else "")
+        else:
+            return
+        missing = [k for k in names if k not in have]
+        if missing:
+            raise ConfigError(
+                f"TradeoffMetrics has no optimum for {', '.join(missing)}: it was given {how}, and this run's"
+                f" objectives are {', '.join(names)}. Give --tradeoff.f_star with one value per objective, or"
+                " --tradeoff.optimum_file measured for them (`python -m xright_pl optimum --datasets_config CONFIG`"
+                " runs a Single fit per data set of CONFIG's data.datasets), or --tradeoff.optimum_file null."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_objectives(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_objectives(pl_module)
 
     def _log_star_gaps(self, trainer: pl.Trainer) -> None:
         """K objectives: ``val/{name}_gap`` for each objective with an optimum, and their Euclidean norm."""
@@ -252,7 +289,7 @@ class TradeoffMetrics(Callback):
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the optima used and where they came from."""
         if self.f_star is not None:
-            return {"f_star": dict(self.f_star)}
+            return {"f_star": dict(self.f_star), **({"optimum": self.optimum_k.source} if self.optimum_k else {})}
         if self.optimum is None:
             return {}
         return {"f_sft_star": self.optimum.f_sft, "f_dpo_star": self.optimum.f_dpo, "optimum": self.optimum.source}

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, load_optimum
+from xright_pl.optimum import Optimum, OptimumK, load_optimum
 from xright_pl.selectors.base import OBJECTIVES, Decision, Selector
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class Maxright(Selector):
         f_sft_star: optimum (lowest reachable) SFT loss.
         f_dpo_star: optimum (lowest reachable) DPO loss.
         eval_every: re-evaluate both losses every this many optimizer steps (k >= 1).
-        optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (instead of the two numbers).
+        optimum_file: JSON file written by ``python -m xright_pl optimum``: the pair's ``f_sft_star`` and
+            ``f_dpo_star`` (instead of the two numbers), or, from ``--datasets_config`` (``data.datasets``), every data
+            set's ``f_star`` (instead of ``f_star``).
         online_margin: relative margin of the online estimate (used only without given optima), in [0, 1).
         f_star: the optima of any number of objectives, ``{name: f_k*}`` (instead of the pair's numbers).
     """
@@ -86,10 +88,16 @@ class Maxright(Selector):
             problems.append(f"online_margin must be in [0, 1), got {online_margin!r}")
         if problems:
             raise ConfigError("Invalid MAXRIGHT settings: " + "; ".join(problems) + ".")
-        self.optimum = load_optimum(optimum_file) if optimum_file is not None else None
+        loaded = load_optimum(optimum_file) if optimum_file is not None else None
+        #: The pair's optima (numbers or a pair file); None otherwise.
+        self.optimum: Optimum | None = loaded if isinstance(loaded, Optimum) else None
+        #: A named objectives' optimum file (its ``f_star`` is ``given_star``); None otherwise.
+        self.optimum_k: OptimumK | None = loaded if isinstance(loaded, OptimumK) else None
         if all(given):
             self.optimum = Optimum(float(f_sft_star), float(f_dpo_star))
         self.given_star = {str(k): float(v) for k, v in f_star.items()} if f_star else None
+        if self.optimum_k is not None:
+            self.given_star = dict(self.optimum_k.f_star)
         self.optimum_file = optimum_file
         self.online_margin = float(online_margin)
         self.val_min: dict[str, float] = {}
@@ -101,10 +109,15 @@ class Maxright(Selector):
         """As :meth:`Selector.bind`; refuses optima that do not cover every objective with a positive weight."""
         super().bind(lam, context)
         needed = [k for k, w in self.weights.items() if w > 0]
-        if self.given_star is not None:
+        if self.optimum_k is not None:
+            have = set(self.given_star)
+            how = f"the optimum file {self.optimum_k.source} of {', '.join(self.given_star)}"
+        elif self.given_star is not None:
             have, how = set(self.given_star), "f_star"
+        elif self.optimum_file is not None:
+            have, how = set(OBJECTIVES), f"the optimum file {self.optimum.source}, the SFT/DPO pair's optima"
         elif self.optimum is not None:
-            have, how = set(OBJECTIVES), "f_sft_star/f_dpo_star (or optimum_file), the SFT/DPO pair's optima"
+            have, how = set(OBJECTIVES), "f_sft_star/f_dpo_star, the SFT/DPO pair's optima"
         else:
             return self
         missing = [k for k in needed if k not in have]
@@ -112,7 +125,9 @@ class Maxright(Selector):
             raise ConfigError(
                 f"Maxright has no optimum for {', '.join(missing)}: it was given {how}, and this run trains"
                 f" {', '.join(needed)}. Give f_star with one value per objective, e.g."
-                f" --model.selector.init_args.f_star '{{{', '.join(f'{k}: ...' for k in needed)}}}'"
+                f" --model.selector.init_args.f_star '{{{', '.join(f'{k}: ...' for k in needed)}}}', or an"
+                " optimum_file measured for these objectives (`python -m xright_pl optimum --datasets_config CONFIG`"
+                " runs a Single fit per data set of CONFIG's data.datasets)"
             )
         return self
 
@@ -139,8 +154,9 @@ class Maxright(Selector):
                 self.val_min[k] = min(self.val_min.get(k, math.inf), float(v))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.optimum is not None and hasattr(pl_module, "beta"):
-            self.optimum.check_beta(pl_module.beta)
+        for measured in (self.optimum, self.optimum_k):
+            if measured is not None and hasattr(pl_module, "beta"):
+                measured.check_beta(pl_module.beta)
         max_steps = trainer.max_steps
         target = pl_module.target() if hasattr(pl_module, "target") else getattr(pl_module, "lam", self.lam)
         if isinstance(target, Mapping):

@@ -8,11 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import REPO, tiny_module, trainer
+from helpers import REPO, three_datasets, tiny_module, trainer
 
-from xright_pl import Batching, JointDataModule, Mix, PreferenceData, SFTData
+from xright_pl import Mix
 from xright_pl.cli import main, run
-from xright_pl.data.module import DataSet
 from xright_pl.selectors import Sequential
 
 CONFIG = REPO / "configs" / "demo" / "three_objectives.yaml"
@@ -68,36 +67,21 @@ def test_maxright_with_f_star_logs_the_gaps_over_three_objectives(tmp_path):
     assert s["f_star"] == {"terse": 0.5, "polite": 0.1, "prefs": 0.2}
 
 
-def _three(limit: int = 32) -> JointDataModule:
-    sft = {"path": "builtin:demo/sft_train.jsonl", "eval_path": "builtin:demo/sft_eval.jsonl"}
-    pref = {"path": "builtin:demo/pref_train.jsonl", "eval_path": "builtin:demo/pref_eval.jsonl"}
-    common = {"max_length": 64, "limit": limit}
-    template = "Human: {instruction} {input} Assistant:"
-    return JointDataModule(
-        datasets=[
-            DataSet("terse", 0.3, sft=SFTData(**sft, prompt_template=template, **common)),
-            DataSet("polite", 0.2, sft=SFTData(**pref, format="prompt_chosen", **common)),
-            DataSet("prefs", 0.5, preference=PreferenceData(**pref, **common), batch_size=2),
-        ],
-        batching=Batching(sft_batch_size=4, eval_batch_size=32),
-    )
-
-
 def test_mix_and_sequential_stages_in_python(tmp_path):
     """In Python: Mix trains every data set every step; Sequential's stages follow the weights (0.5, 0.3, 0.2 of 10
     steps: prefs 5, terse 3, polite 2)."""
     module = tiny_module(Mix())
     t = trainer(tmp_path / "mix", 3)
-    t.fit(module, datamodule=_three())
+    t.fit(module, datamodule=three_datasets())
     assert module.steps == {"terse": 3, "polite": 3, "prefs": 3}
     module = tiny_module(Sequential(stages=["prefs", "terse", "polite"]))
     t = trainer(tmp_path / "seq", 10)
-    t.fit(module, datamodule=_three())
+    t.fit(module, datamodule=three_datasets())
     assert module.steps == {"terse": 3, "polite": 2, "prefs": 5}
 
 
 def test_polite_rows_train_on_the_chosen_answer():
-    dm = _three(limit=4)
+    dm = three_datasets(limit=4)
     dm.load()
     row = dm.train_sets["polite"][0]
     labels = [t for t in row["labels"] if t != -100]
@@ -174,14 +158,14 @@ def test_a_registered_objective_kind_is_chosen_by_config(tmp_path):
 
     register_objective(ResponseLengthSFT)
     try:
-        dm = _three()
+        dm = three_datasets()
         dm.datasets[0].objective = "test_sum_sft"
         module = tiny_module(Mix())
         t = trainer(tmp_path / "ok", 2)
         t.fit(module, datamodule=dm)
         assert type(module.objectives["terse"]) is ResponseLengthSFT and module.objectives["terse"].calls >= 2
         assert module.objectives["polite"].kind == "sft" and module.objectives["prefs"].kind == "preference"
-        bad = _three()
+        bad = three_datasets()
         bad.datasets[2].objective = "test_sum_sft"  # SFT batches wanted, preference pairs given
         from xright_pl.errors import ConfigError
 

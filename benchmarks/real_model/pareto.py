@@ -192,17 +192,36 @@ def generate(a: argparse.Namespace, runs: Path, model_dir: Path, data_dir: Path)
     out.mkdir(parents=True, exist_ok=True)
     lam = pareto.fmt_lam(a.lams[0])
     models = {"reference": str(model_dir)}
+    commands: list[str] = []
     for method in KEEP_CHECKPOINT:
         models[method] = str(runs / f"seed{a.seeds[0]}" / f"lam{lam}" / method / "checkpoints" / "last.ckpt")
     for name, model in models.items():
         args = [sys.executable, "-m", "xright_pl", "generate", "--model", model,
                 "--prompts", str(data_dir / "hh_rlhf_pref_eval.jsonl"), "--format", "prompt_chosen_rejected",
                 "--limit", str(a.prompts), "--max_new_tokens", "96", "--output", str(out / f"{name}.json"),
-                "--generator", name, "--overwrite", "true"]  # fmt: skip
+                "--generator", name, "--overwrite", "true", "--progress", "false"]  # fmt: skip
         if name == "reference":
             args += ["--use_chat_template", "true", "--max_prompt_length", "64"]
         print(" ".join(args), flush=True)
         subprocess.run(args, check=True)
+        commands.append(" ".join(shlex.quote(x) for x in ["python", *args[1:]]))
+    (out / "commands.txt").write_text("\n".join(commands).replace(str(REPO.parent) + "/", "../") + "\n")
+    (out / "answers.md").write_text(answers_markdown(out, list(models)))
+
+
+def answers_markdown(out: Path, names: list[str]) -> str:
+    """The answers of every model side by side, prompt by prompt (greedy, as generated)."""
+    answers = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
+    lines = ["# Answers to held-out HH-RLHF prompts", "",
+             f"Greedy decoding, at most 96 new tokens, prompts through the chat template (the last turns that fit in"
+             f" 64 tokens). Models: {', '.join(names)}. Commands: `commands.txt`.", ""]  # fmt: skip
+    for i, row in enumerate(answers[names[0]]):
+        prompt = row["instruction"].strip().replace("\n\n", " ").replace("\n", " ")
+        lines += [f"## Prompt {i + 1}", "", f"> …{prompt[-400:]}" if len(prompt) > 400 else f"> {prompt}", ""]
+        for n in names:
+            text = answers[n][i]["output"].strip().replace("\n", " ")
+            lines += [f"**{n}**: {text}", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

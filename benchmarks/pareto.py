@@ -373,12 +373,17 @@ def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list
             ys.append(my)
             ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=MARKERS.get(lam, "o"), color=COLORS[method], ms=7, capsize=2)
         ax.plot(xs, ys, "-", color=COLORS[method], lw=1, alpha=0.6)
+    xs_all = [float(r["sft_loss"]) for r in rows]
+    ys_all = [float(r["dpo_loss"]) for r in rows]
     if optima:
         fs = statistics.fmean(o["f_sft_star"] for o in optima)
         fd = statistics.fmean(o["f_dpo_star"] for o in optima)
         ax.plot(fs, fd, "*", color="gold", mec="black", ms=18, zorder=5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+        xs_all.append(fs)
+        ys_all.append(fd)
+    for values, set_scale in ((xs_all, ax.set_xscale), (ys_all, ax.set_yscale)):
+        if values and min(values) > 0 and max(values) / min(values) > 10:  # within a decade: linear (labelled) ticks
+            set_scale("log")
     ax.set_xlabel("f_sft (final val/sft_loss)")
     ax.set_ylabel("f_dpo (final val/dpo_loss)")
     ax.set_title("final losses (mean ± std over seeds)")
@@ -408,7 +413,9 @@ def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list
                 capsize=2,
                 label=METHODS[method],
             )
-        if key in ("dpo_gap", "sft_gap", "ideal_distance"):
+        spread = [abs(aggregate(rows, m, lam, key)[0]) for m in methods for lam in lams]
+        spread = [v for v in spread if v > 0 and not math.isnan(v)]
+        if key in ("dpo_gap", "sft_gap", "ideal_distance") and spread and max(spread) / min(spread) > 10:
             # Sequential's gaps can be 100x the others': a linear scale up to 0.1, logarithmic beyond.
             ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xticks(range(len(lams)))

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     for summary in runs.rglob("summary.json"):
         dest = a.out / "runs" / summary.relative_to(runs)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(summary, dest)
+        dest.write_text(summary.read_text().replace(str(REPO.parent) + "/", "../"))  # paths beside the checkout
     print(f"wrote {a.out}", flush=True)
 
 
@@ -205,7 +204,8 @@ def generate(a: argparse.Namespace, runs: Path, model_dir: Path, data_dir: Path)
         print(" ".join(args), flush=True)
         subprocess.run(args, check=True)
         commands.append(" ".join(shlex.quote(x) for x in ["python", *args[1:]]))
-    (out / "commands.txt").write_text("\n".join(commands).replace(str(REPO.parent) + "/", "../") + "\n")
+    text = "\n".join(commands).replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
+    (out / "commands.txt").write_text(text + "\n")
     (out / "answers.md").write_text(answers_markdown(out, list(models)))
 
 

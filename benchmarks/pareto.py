@@ -103,7 +103,7 @@ def selector_for(method: str, seed: int, optimum_file: Path | None) -> dict[str,
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def fit(
+def fit_args(
     config: Path,
     run_dir: Path,
     selector: dict[str, Any],
@@ -112,15 +112,8 @@ def fit(
     steps: int,
     settings: list[str],
     optimum_file: Path | None = None,
-    reuse: bool = False,
-    threads: int | None = 1,
-) -> dict[str, Any]:
-    """One training run in its own process; its summary.json."""
-    summary_path = run_dir / "summary.json"
-    if reuse and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("optimizer_steps") == steps:
-            return summary
+) -> list[str]:
+    """The command line of one run (``sys.executable -m xright_pl fit ...``)."""
     args = [
         sys.executable,
         "-m",
@@ -148,6 +141,28 @@ def fit(
     if optimum_file is not None:
         args.append(f"--tradeoff.optimum_file={optimum_file}")
     args += [s if s.startswith("--") else f"--{s}" for s in settings]
+    return args
+
+
+def fit(
+    config: Path,
+    run_dir: Path,
+    selector: dict[str, Any],
+    lam: float,
+    seed: int,
+    steps: int,
+    settings: list[str],
+    optimum_file: Path | None = None,
+    reuse: bool = False,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """One training run in its own process; its summary.json."""
+    summary_path = run_dir / "summary.json"
+    if reuse and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("optimizer_steps") == steps:
+            return summary
+    args = fit_args(config, run_dir, selector, lam, seed, steps, settings, optimum_file)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.txt", "w") as logf:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -358,12 +373,17 @@ def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list
             ys.append(my)
             ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=MARKERS.get(lam, "o"), color=COLORS[method], ms=7, capsize=2)
         ax.plot(xs, ys, "-", color=COLORS[method], lw=1, alpha=0.6)
+    xs_all = [float(r["sft_loss"]) for r in rows]
+    ys_all = [float(r["dpo_loss"]) for r in rows]
     if optima:
         fs = statistics.fmean(o["f_sft_star"] for o in optima)
         fd = statistics.fmean(o["f_dpo_star"] for o in optima)
         ax.plot(fs, fd, "*", color="gold", mec="black", ms=18, zorder=5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+        xs_all.append(fs)
+        ys_all.append(fd)
+    for values, set_scale in ((xs_all, ax.set_xscale), (ys_all, ax.set_yscale)):
+        if values and min(values) > 0 and max(values) / min(values) > 10:  # within a decade: linear (labelled) ticks
+            set_scale("log")
     ax.set_xlabel("f_sft (final val/sft_loss)")
     ax.set_ylabel("f_dpo (final val/dpo_loss)")
     ax.set_title("final losses (mean ± std over seeds)")
@@ -393,7 +413,9 @@ def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list
                 capsize=2,
                 label=METHODS[method],
             )
-        if key in ("dpo_gap", "sft_gap", "ideal_distance"):
+        spread = [abs(aggregate(rows, m, lam, key)[0]) for m in methods for lam in lams]
+        spread = [v for v in spread if v > 0 and not math.isnan(v)]
+        if key in ("dpo_gap", "sft_gap", "ideal_distance") and spread and max(spread) / min(spread) > 10:
             # Sequential's gaps can be 100x the others': a linear scale up to 0.1, logarithmic beyond.
             ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xticks(range(len(lams)))

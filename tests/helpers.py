@@ -73,6 +73,28 @@ def demo_data(
     )
 
 
+#: The terse data set's prompt template (as in configs/demo/three_objectives.yaml).
+TERSE_TEMPLATE = "Human: {instruction} {input} Assistant:"
+
+
+def three_datasets(limit: int = 32) -> JointDataModule:
+    """The demo's three named data sets (as configs/demo/three_objectives.yaml): terse (SFT on short answers),
+    polite (SFT on the preference rows' chosen answers), prefs (preference pairs, 2 per batch)."""
+    from xright_pl.data.module import DataSet
+
+    sft = {"path": "builtin:demo/sft_train.jsonl", "eval_path": "builtin:demo/sft_eval.jsonl"}
+    pref = {"path": "builtin:demo/pref_train.jsonl", "eval_path": "builtin:demo/pref_eval.jsonl"}
+    common = {"max_length": 64, "limit": limit}
+    return JointDataModule(
+        datasets=[
+            DataSet("terse", 0.3, sft=SFTData(**sft, prompt_template=TERSE_TEMPLATE, **common)),
+            DataSet("polite", 0.2, sft=SFTData(**pref, format="prompt_chosen", **common)),
+            DataSet("prefs", 0.5, preference=PreferenceData(**pref, **common), batch_size=2),
+        ],
+        batching=Batching(sft_batch_size=4, eval_batch_size=32),
+    )
+
+
 def varied_sft_file(folder) -> str:
     """The first 16 demo SFT rows with answers of 1 to 8 words (the demo's own answers all have the same number
     of tokens), written to ``folder/sft_varied.jsonl``: for tests where the SFT token mean must weigh rows by

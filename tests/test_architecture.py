@@ -83,3 +83,62 @@ def test_nothing_imports_the_commands():
     graph = import_graph()
     users = {m for m, targets in graph.items() for t in targets if t.startswith("xright_pl.commands")}
     assert not {u for u in users if not u.startswith("xright_pl.commands")}, users
+
+
+# ------------------------------------------------------------------------------------------------- layers
+#: The layers of ARCHITECTURE.md, bottom first: a module may import its own layer and the layers below, never one
+#: above. Within the "parts" layer the four parts are peers that do not import each other.
+LAYERS: list[dict[str, tuple[str, ...]]] = [
+    {"core": ("errors", "types", "assets", "optimum", "commandline", "lightning_private", "demo")},
+    {
+        "objectives": ("losses", "objectives"),
+        "selectors": ("selectors",),
+        "data": ("data",),
+        "models": ("models", "lora"),
+    },
+    {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics")},
+    {"inference": ("generate", "judge", "export")},
+    {"callbacks": ("callbacks", "checkpoint", "trajectory", "progress", "signals", "eval_callback")},
+    {"commands": ("cli", "commands", "__main__", "")},  # "": the package's __init__ (its public names)
+]
+
+
+def place(module: str) -> tuple[int, str]:
+    """``(layer index, part)`` of an ``xright_pl`` module (``xright_pl.data.chat`` -> the ``data`` part)."""
+    rest = module.removeprefix("xright_pl").removeprefix(".")
+    head = rest.split(".")[0]
+    for i, parts in enumerate(LAYERS):
+        for part, members in parts.items():
+            if head in members:
+                return i, part
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and to ARCHITECTURE.md")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in graph.items():
+        (layer, part) = place(module)
+        for target in targets:
+            t_layer, t_part = place(target)
+            if t_layer > layer:
+                found.append(f"{module} ({part}) imports {target} ({t_part}), a layer above")
+            elif t_layer == layer == 1 and t_part != part:
+                found.append(f"{module} ({part}) imports {target} ({t_part}), a peer part")
+    return sorted(found)
+
+
+def test_layer_checker_catches_upward_and_peer_imports():
+    assert layer_violations({"xright_pl.losses": {"xright_pl.module"}}) == [
+        "xright_pl.losses (objectives) imports xright_pl.module (training), a layer above"
+    ]
+    assert layer_violations({"xright_pl.data.sources": {"xright_pl.selectors"}}) == [
+        "xright_pl.data.sources (data) imports xright_pl.selectors (selectors), a peer part"
+    ]
+    assert layer_violations({"xright_pl.module": {"xright_pl.losses", "xright_pl.errors"}}) == []
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    for module in graph:
+        place(module)
+    assert not layer_violations(graph), "\n".join(layer_violations(graph))

@@ -125,7 +125,7 @@ def test_empty_string_and_identical_pair_are_counted_skips(tmp_path):
 
 def test_no_response_token_left_after_truncation_is_a_counted_skip(tmp_path):
     """max_prompt_length = max_length = 11: a prompt of 11 tokens leaves no room for its response."""
-    from xright_pl.data.sources import load_tokenizer
+    from xright_pl.data.encoding import load_tokenizer
 
     tok = load_tokenizer("builtin:demo/tokenizer")
     rows = [
@@ -168,7 +168,7 @@ def _tokenizer_copy(tmp_path: Path, drop: str) -> Path:
 
 def test_tokenizer_without_pad_token_falls_back_to_eos_with_a_warning(tmp_path, caplog):
     tok = _tokenizer_copy(tmp_path, "pad_token")
-    with caplog.at_level(logging.WARNING, logger="xright_pl.data.sources"), pytest.warns(UserWarning, match="pad"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.data.encoding"), pytest.warns(UserWarning, match="pad"):
         main([*_base(tmp_path / "run"), "--data.tokenizer", str(tok)])
     (msg,) = [r.getMessage() for r in caplog.records if "no pad token" in r.getMessage()]
     assert "using the EOS token '<eos>' as pad" in msg

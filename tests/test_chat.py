@@ -11,8 +11,10 @@ import re
 import pytest
 
 from xright_pl.data.chat import end_of_turn_id, parse_hh
+from xright_pl.data.encoding import load_preference, load_sft
 from xright_pl.data.module import Batching, JointDataModule
-from xright_pl.data.sources import DataError, PreferenceData, SFTData, load_preference, load_sft
+from xright_pl.data.specs import PreferenceData, SFTData
+from xright_pl.errors import DataError
 from xright_pl.types import IGNORE_INDEX
 
 #: SmolLM2-Instruct's template (ChatML with a default system turn when the conversation has none).
@@ -174,7 +176,7 @@ def test_chat_prompt_without_room_is_skipped(smol_like, tmp_path, caplog):
     empty = smol_like.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
     tokens = len(smol_like(empty, add_special_tokens=False)["input_ids"])
     cfg = SFTData(path=write_jsonl(tmp_path / "m.jsonl", rows), val_fraction=0, max_prompt_length=tokens)
-    with caplog.at_level(logging.WARNING, logger="xright_pl.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.data.encoding"):
         with pytest.raises(DataError, match="prompt_too_long=3"):
             load_sft(cfg, smol_like)
     assert "prompt_too_long=3" in caplog.text and "leave no room" in caplog.text
@@ -296,7 +298,7 @@ def test_whitespace_prompts_are_skipped_and_counted(tiny_tokenizer, tmp_path, ca
         {"prompt": "   ", "chosen": " yes", "rejected": " no"},
         {"prompt": "\n\nHuman:  \n\nAssistant:", "chosen": " yes", "rejected": " no"},
     ]
-    with caplog.at_level(logging.WARNING, logger="xright_pl.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.data.encoding"):
         sft = load_sft(SFTData(path=write_jsonl(tmp_path / "s.jsonl", sft_rows), val_fraction=0), tiny_tokenizer)
         pref = load_preference(
             PreferenceData(path=write_jsonl(tmp_path / "p.jsonl", pairs), val_fraction=0), tiny_tokenizer

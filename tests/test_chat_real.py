@@ -10,7 +10,8 @@ import json
 import pytest
 
 from xright_pl.data.chat import end_of_turn_id
-from xright_pl.data.sources import PreferenceData, SFTData, load_preference, load_sft
+from xright_pl.data.encoding import load_preference, load_sft
+from xright_pl.data.specs import PreferenceData, SFTData
 from xright_pl.types import IGNORE_INDEX
 
 pytestmark = pytest.mark.real

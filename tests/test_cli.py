@@ -42,7 +42,10 @@ def test_offline_config_runs_through_cli(config, tmp_path, capsys):
     run(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *SMALL])
     summary = _summary(tmp_path)
     assert summary["optimizer_steps"] == 4
-    assert summary["steps/sft"] + summary["steps/dpo"] >= 4
+    config_data = yaml.safe_load(config.read_text())["data"]
+    names = [d["name"] for d in config_data["datasets"]] if "datasets" in config_data else ["sft", "dpo"]
+    assert sorted(k for k in summary if k.startswith("steps/")) == sorted(f"steps/{k}" for k in names)
+    assert sum(summary[f"steps/{k}"] for k in names) >= 4
     method = yaml.safe_load(config.read_text())["model"]["selector"]["class_path"].rsplit(".", 1)[-1].lower()
     assert summary["method"] == method
     assert "xright_pl run summary" in capsys.readouterr().out

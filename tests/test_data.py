@@ -12,18 +12,10 @@ import pytest
 import torch
 
 from xright_pl.data.collate import collate_preference, collate_sft
-from xright_pl.data.sources import (
-    ALPACA_PROMPT_INPUT,
-    ALPACA_PROMPT_NO_INPUT,
-    DataError,
-    PreferenceData,
-    SFTData,
-    format_preference_row,
-    format_sft_row,
-    load_preference,
-    load_sft,
-    load_tokenizer,
-)
+from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
+from xright_pl.data.formats import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, format_preference_row, format_sft_row
+from xright_pl.data.specs import PreferenceData, SFTData
+from xright_pl.errors import DataError
 from xright_pl.types import IGNORE_INDEX
 
 EOS = "<|endoftext|>"
@@ -201,7 +193,7 @@ def test_counted_skips(tiny_tokenizer, tmp_path, caplog):
         {"prompt": "Q4", "completion": "A4"},
     ]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="xright_pl.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.data.encoding"):
         out = load_sft(SFTData(path=path, val_fraction=0, max_length=20, max_prompt_length=20), tiny_tokenizer)
     assert out.skipped == {"empty_response": 2}
     assert len(out.train) == 2
@@ -389,3 +381,25 @@ def test_collate_from_loaded_dataset(tiny_tokenizer, tmp_path):
     b = collate_preference([out.train[i] for i in range(3)], pad_id=tiny_tokenizer.pad_token_id)
     assert b.input_ids.shape[0] == 6 and b.input_ids.shape[1] % 8 == 0
     assert ((b.labels != IGNORE_INDEX).sum(1) > 0).all()
+
+
+def test_sources_reexports_the_public_names_from_their_modules():
+    """``xright_pl.data.sources`` only re-exports: every public name defined in the data modules it gathers, each
+    the very object of its home module."""
+    import ast
+    import inspect
+
+    from xright_pl.data import encoding, formats, readers, sources, specs
+
+    for module in (encoding, formats, readers, specs):
+        defined = set()
+        for node in ast.parse(inspect.getsource(module)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined.update(target.id for target in node.targets if isinstance(target, ast.Name))
+        for name in sorted(n for n in defined if not n.startswith("_") and n != "log"):
+            assert name in sources.__all__, f"{module.__name__}.{name} is not re-exported"
+            assert getattr(sources, name) is getattr(module, name), name
+    assert sources.DataError is DataError
+    assert not [n for n in vars(sources) if not n.startswith("__") and n not in sources.__all__]

@@ -230,7 +230,7 @@ def test_export_keeps_a_chat_models_end_of_turn_ids(tmp_path):
     (config.json keeps the tokenizer's EOS) and a reload stops on the same ids."""
     from transformers import GenerationConfig
 
-    from xright_pl.data.sources import load_tokenizer
+    from xright_pl.data.encoding import load_tokenizer
     from xright_pl.generate import eos_token_ids
     from xright_pl.models import build_causal_lm
 

@@ -11,7 +11,9 @@ import torch
 from helpers import REPO, TINY_LLAMA
 
 from xright_pl.cli import main, run
-from xright_pl.data.sources import DataError, PreferenceData, SFTData, load_preference, load_sft, load_tokenizer
+from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
+from xright_pl.data.specs import PreferenceData, SFTData
+from xright_pl.errors import DataError
 from xright_pl.generate import PromptEncoder, find_run_config, generate, generate_batch, read_prompts
 from xright_pl.models import ModelError, build_causal_lm
 from xright_pl.types import IGNORE_INDEX

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_LLAMA, demo_data, tiny_module, trainer
+from helpers import TERSE_TEMPLATE, TINY_LLAMA, demo_data, three_datasets, tiny_module, trainer
 
 from xright_pl import Alright
 from xright_pl.cli import run
-from xright_pl.data.sources import DataError, load_tokenizer
+from xright_pl.data.encoding import load_tokenizer
+from xright_pl.errors import ConfigError, DataError
 from xright_pl.eval_callback import METRIC_KEYS, WinRateCallback
 from xright_pl.generate import generate, read_prompts
 from xright_pl.judge import instruction_to_messages, judge, pair_answers, wilson_interval, win_rate
@@ -257,3 +258,53 @@ def test_callback_texts_come_from_the_held_out_source_rows(setup, demo_tok):
     assert texts == [items[r].instruction for r in rows[:6]]
     assert chosen == [items[r].reference for r in rows[:6]]
     assert [demo_tok.decode(seq, skip_special_tokens=True).strip() for seq in ids] == [t.strip() for t in texts]
+
+
+def test_callback_with_named_data_sets_takes_the_first_preference_set_or_the_named_one(setup, demo_tok):
+    """With data.datasets the held-out prompts are the first preference data set's (prefs), or the named data set's
+    own: its rows, its format (prompt_chosen: the preference prompt and chosen answer) and its template (terse)."""
+    dm = three_datasets()
+    dm.load()
+    pref_items = read_prompts("builtin:demo/pref_eval.jsonl", limit=4)
+    ids, texts, chosen = WinRateCallback(setup.rm, num_prompts=4).held_out(SimpleNamespace(datamodule=dm))
+    assert (texts, chosen) == ([i.instruction for i in pref_items], [i.reference for i in pref_items])
+    assert [demo_tok.decode(seq, skip_special_tokens=True).strip() for seq in ids] == [t.strip() for t in texts]
+    assert all(seq[0] == demo_tok.bos_token_id for seq in ids)  # the prompt tokens of training: BOS + the prompt
+    polite = WinRateCallback(setup.rm, num_prompts=4, dataset="polite").held_out(SimpleNamespace(datamodule=dm))
+    assert polite[1:] == (texts, chosen)  # the same rows' prompt and chosen answer, from the SFT set's tokens
+    terse = WinRateCallback(setup.rm, num_prompts=3, dataset="terse").held_out(SimpleNamespace(datamodule=dm))
+    sft_items = read_prompts("builtin:demo/sft_eval.jsonl", "auto", TERSE_TEMPLATE, 3)
+    assert terse[1:] == ([i.instruction for i in sft_items], [i.reference for i in sft_items])
+    assert [demo_tok.decode(s, skip_special_tokens=True) for s in terse[0]] == [
+        demo_tok.decode(demo_tok(i.prompt, add_special_tokens=False)["input_ids"]) for i in sft_items
+    ]  # the template applied, as in training
+    with pytest.raises(ConfigError, match=r"dataset='sft'.*no such data set; it has terse, polite, prefs"):
+        WinRateCallback(setup.rm, dataset="sft").held_out(SimpleNamespace(datamodule=dm))
+    with pytest.raises(ConfigError, match="dataset must be a data set's name"):
+        WinRateCallback(setup.rm, dataset="")
+
+
+def test_callback_prompts_file_is_encoded_with_the_named_data_sets_settings(setup, demo_tok):
+    """A prompts file with data.datasets is encoded like the chosen data set's prompts: its template and its
+    max_prompt_length (here 4 tokens: BOS + the last 3), not the unused default data.sft/data.preference."""
+    from dataclasses import replace
+
+    dm = three_datasets()
+    dm.datasets[0] = replace(dm.datasets[0], sft=replace(dm.datasets[0].sft, max_prompt_length=4))
+    dm.load()
+    cb = WinRateCallback(setup.rm, num_prompts=3, dataset="terse", prompts="builtin:demo/sft_eval.jsonl")
+    ids, texts, _ = cb.held_out(SimpleNamespace(datamodule=dm))
+    items = read_prompts("builtin:demo/sft_eval.jsonl", "auto", TERSE_TEMPLATE, 3)
+    assert texts == [i.instruction for i in items]
+    for seq, item in zip(ids, items):
+        words = demo_tok(item.prompt, add_special_tokens=False)["input_ids"]
+        assert seq == [demo_tok.bos_token_id, *words[-3:]] and item.prompt.startswith("Human:")
+
+
+def test_callback_logs_win_rate_in_a_named_data_sets_run(setup, tmp_path):
+    cb = CountingWinRate(setup.rm, num_prompts=3, every_n_steps=2, max_new_tokens=3, baseline="chosen")
+    t = trainer(tmp_path, 2, callbacks=[cb], val_check_interval=2, limit_val_batches=1)
+    t.fit(tiny_module(Alright(seed=0)), datamodule=three_datasets())
+    assert cb.evaluated_at == [2] and set(METRIC_KEYS) <= set(t.logged_metrics)
+    assert [s["baseline"] for s in cb.samples] == [i.reference for i in read_prompts("builtin:demo/pref_eval.jsonl",
+                                                                                    limit=3)]  # fmt: skip

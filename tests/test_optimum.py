@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import REPO, demo_data, tiny_module, trainer
@@ -13,7 +14,15 @@ from xright_pl import Maxright
 from xright_pl.assets import resolve
 from xright_pl.cli import run
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, load_optimum, optimum_from_summaries, write_optimum
+from xright_pl.metrics import TradeoffMetrics
+from xright_pl.optimum import (
+    Optimum,
+    OptimumK,
+    load_optimum,
+    optimum_from_summaries,
+    optimum_k_from_summaries,
+    write_optimum,
+)
 
 TINY = [
     "trainer.max_steps=3",
@@ -182,3 +191,108 @@ def test_online_estimate_in_a_run_is_the_margined_min_of_the_logged_validations(
     for k in ("sft", "dpo"):
         assert sel.val_min[k] == pytest.approx(min(p[k] for p in rec.points))
         assert sel.f_star[k] == pytest.approx(0.9 * min(p[k] for p in rec.points))
+
+
+# ---------------------------------------------------------------------------------------------- K objectives
+
+K_CONFIG = REPO / "configs" / "demo" / "three_objectives.yaml"
+WEIGHTS = {"terse": 0.3, "polite": 0.2, "prefs": 0.5}
+#: TINY without the pair's data limits (the three data sets are small already).
+K_TINY = [o for o in TINY if not o.startswith(("data.sft", "data.preference"))]
+
+
+def test_k_file_round_trip_errors_and_the_pair_file_unchanged(tmp_path):
+    """A K file holds f_star by name; a pair file keeps exactly its old keys; bad K files list every problem."""
+    k = OptimumK({"terse": 0.5, "prefs": 0.2}, beta=0.1, sources={"terse": {"x": 1}})
+    p = write_optimum(k, tmp_path / "k.json")
+    assert json.loads(p.read_text()) == {"f_star": {"terse": 0.5, "prefs": 0.2}, "beta": 0.1, "sources": k.sources}
+    o = load_optimum(p)
+    assert isinstance(o, OptimumK) and (o.f_star, o.beta, o.source) == (k.f_star, 0.1, str(p))
+    pair = write_optimum(Optimum(0.39, 0.17, beta=0.1), tmp_path / "pair.json")
+    assert set(json.loads(pair.read_text())) == {"f_sft_star", "f_dpo_star", "beta", "sources"}
+    assert isinstance(load_optimum(pair), Optimum)
+    (tmp_path / "bad.json").write_text('{"f_star": {"a": "low", "b": Infinity}, "beta": -1}')
+    with pytest.raises(ConfigError, match=r"f_star\['a'\] must be a finite.*f_star\['b'\].*'beta' must be"):
+        load_optimum(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text('{"f_star": {}}')
+    with pytest.raises(ConfigError, match="non-empty mapping"):
+        load_optimum(tmp_path / "empty.json")
+    with pytest.raises(ConfigError, match=r"beta=0.1, but this run uses beta=0.2.*optimum --datasets_config"):
+        o.check_beta(0.2)
+
+
+def test_optimum_k_from_summaries_checks_budget_and_records_beta_only_for_preference_sets(tmp_path):
+    terse = _summary(tmp_path / "t" / "summary.json", selector="terse_only", **{"val/terse_loss": 0.6})
+    pref_fields = {"val/prefs_loss": 0.3, "val/prefs_rewards_accuracies": 1.0}  # logged by preference sets only
+    prefs = _summary(tmp_path / "p" / "summary.json", selector="prefs_only", **pref_fields)
+    o = optimum_k_from_summaries({"terse": terse, "prefs": prefs}, beta=0.1)
+    assert (o.f_star, o.beta) == ({"terse": 0.6, "prefs": 0.3}, 0.1)
+    assert optimum_k_from_summaries({"terse": terse}, beta=0.1).beta is None  # no preference set measured
+    with pytest.raises(ConfigError, match="must come from a 'polite_only' run"):
+        optimum_k_from_summaries({"polite": terse})
+    short = _summary(tmp_path / "s" / "summary.json", selector="prefs_only", optimizer_steps=5, **{"val/prefs_loss": 1})
+    with pytest.raises(ConfigError, match=r"different numbers of optimizer steps \(terse 10, prefs 5\)"):
+        optimum_k_from_summaries({"terse": terse, "prefs": short})
+
+
+def test_optimum_command_runs_one_single_fit_per_data_set_and_maxright_uses_the_file(tmp_path, monkeypatch):
+    """`optimum --datasets_config three_objectives.yaml` runs Single(terse), Single(polite) and Single(prefs) from the
+    same start for 3 steps each and writes each run's final val/{name}_loss; reading their summaries writes the same
+    numbers; a MAXRIGHT run with the file logs val/{name}_gap = val/{name}_loss - f_star[name] for each."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "optimum_k.json"
+    args = ["optimum", "--datasets_config", str(K_CONFIG), "--out", str(out), "--workdir", str(tmp_path / "w")]
+    result = run([*args, "--overrides", json.dumps(K_TINY)])
+    data = json.loads(out.read_text())
+    assert set(data) == {"f_star", "beta", "sources"} and result["path"] == str(out)
+    summaries = {}
+    for name in WEIGHTS:
+        summaries[name] = str(tmp_path / "w" / f"{name}_only" / "summary.json")
+        s = json.loads(Path(summaries[name]).read_text())
+        assert s["selector"] == f"{name}_only" and s["optimizer_steps"] == 3
+        assert {k: s[f"steps/{k}"] for k in WEIGHTS} == {k: 3 if k == name else 0 for k in WEIGHTS}
+        assert data["f_star"][name] == s[f"val/{name}_loss"]
+        assert data["sources"][name]["config"] == str(K_CONFIG)
+    assert list(data["f_star"]) == list(WEIGHTS) and data["beta"] == 0.1
+    again = run(["optimum", "--out", str(tmp_path / "again.json"), "--summaries", json.dumps(summaries)])
+    assert again["f_star"] == data["f_star"]
+
+    sel = Maxright(optimum_file=str(out))
+    assert not sel.online and sel.f_star == data["f_star"]
+    root = tmp_path / "maxright"
+    run(["fit", "--config", str(K_CONFIG), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4",
+         "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+         "false", "--model.selector", "xright_pl.Maxright", "--model.selector.init_args.optimum_file", str(out),
+         "--model.selector.init_args.eval_every", "1"])  # fmt: skip
+    s = json.loads(sorted(root.rglob("summary.json"))[-1].read_text())
+    assert s["f_star"] == data["f_star"]
+    for name, star in data["f_star"].items():
+        assert s[f"val/{name}_gap"] == pytest.approx(s[f"val/{name}_loss"] - star, abs=1e-5)
+
+
+def test_pair_and_k_files_are_refused_where_they_do_not_fit(tmp_path, monkeypatch):
+    """A pair file for a K run (and a K file for the pair) is refused by Maxright at bind and by TradeoffMetrics at
+    fit start, naming the way to measure the right optima; a pair config is not a K config."""
+    from types import SimpleNamespace
+
+    pair = write_optimum(Optimum(0.4, 0.2, beta=0.1), tmp_path / "pair.json")
+    k = write_optimum(OptimumK(dict.fromkeys(WEIGHTS, 0.1), beta=0.1), tmp_path / "k.json")
+    with pytest.raises(ConfigError, match=r"no optimum for terse, polite, prefs: it was given the optimum file .*pair"
+                       r".*python -m xright_pl optimum --datasets_config CONFIG"):  # fmt: skip
+        Maxright(optimum_file=str(pair)).bind(WEIGHTS)
+    with pytest.raises(ConfigError, match=r"no optimum for sft, dpo: it was given the optimum file .*k.json"):
+        Maxright(optimum_file=str(k)).bind(0.5)
+    Maxright(optimum_file=str(k)).bind(WEIGHTS)  # fits
+    with pytest.raises(ConfigError, match=r"TradeoffMetrics has no optimum for terse, polite, prefs: .*pair"):
+        TradeoffMetrics(optimum_file=str(pair)).check_objectives(SimpleNamespace(objectives=WEIGHTS))
+    with pytest.raises(ConfigError, match=r"TradeoffMetrics has no optimum for sft, dpo: .*k.json"):
+        TradeoffMetrics(optimum_file=str(k)).check_objectives(SimpleNamespace(objectives={"sft": 0, "dpo": 0}))
+    assert TradeoffMetrics(optimum_file=str(k)).f_star == dict.fromkeys(WEIGHTS, 0.1)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match="TradeoffMetrics has no optimum for terse"):  # the CLI, before training
+        run(["fit", "--config", str(K_CONFIG), "--trainer.default_root_dir", str(tmp_path / "r"),
+             "--tradeoff.optimum_file", str(pair), "--trainer.max_steps", "2"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"'configs/demo/alright.yaml' has no data.datasets.*--sft_config"):
+        run(["optimum", "--datasets_config", "configs/demo/alright.yaml"])
+    with pytest.raises(ConfigError, match="--summaries names nope, not data sets"):
+        run(["optimum", "--datasets_config", str(K_CONFIG), "--summaries", '{"nope": "x.json"}'])

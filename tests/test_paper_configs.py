@@ -134,3 +134,29 @@ def test_real_config_parses_with_its_settings_and_local_overrides(method, capsys
     assert cfg["model"]["model"] == d["tokenizer"] == "../smollm2"
     assert d["sft"]["path"].endswith("alpaca_gpt4_sft_train.jsonl") and d["preference"]["eval_split"] is None
     assert d["preference"]["eval_path"].endswith("hh_rlhf_pref_eval.jsonl")
+
+
+# ------------------------------------------------------------ three objectives on SmolLM2 (configs/real/smollm2_k3)
+K3 = REPO / "configs" / "real" / "smollm2_k3"
+
+
+def test_three_objective_real_config_parses_online_and_offline(capsys):
+    """Hub sources by default; the offline overlay replaces the model and every data set's source, and keeps the
+    objectives, weights and lengths."""
+    base = K3 / "three_objectives.yaml"
+    text = base.read_text()
+    assert "--config configs/real/smollm2_k3/offline.yaml" in text
+    online = _resolved("--config", str(base), capsys=capsys)
+    offline = _resolved("--config", str(base), "--config", str(K3 / "offline.yaml"), capsys=capsys)
+    for cfg, model in ((online, SMOLLM2), (offline, "../smollm2")):
+        assert cfg["model"]["model"] == cfg["data"]["tokenizer"] == model
+        sets = cfg["data"]["datasets"]
+        assert [(d["name"], d["weight"]) for d in sets] == [("alpaca", 0.4), ("hh_chosen", 0.2), ("hh_dpo", 0.4)]
+        assert [d["sft"] is not None for d in sets] == [True, True, False]
+        assert sets[1]["sft"]["format"] == "prompt_chosen"
+        for d in sets:
+            part = d["sft"] or d["preference"]
+            assert part["use_chat_template"] is True and (part["max_length"], part["max_prompt_length"]) == (128, 64)
+    local = offline["data"]["datasets"]
+    assert local[0]["sft"]["path"] == "../shared/data/alpaca_gpt4_sft_train.jsonl"
+    assert local[2]["preference"]["eval_path"] == "../shared/data/hh_rlhf_pref_eval.jsonl"

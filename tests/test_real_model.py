@@ -132,3 +132,40 @@ def test_alright_config_trains_smollm2_for_three_steps(smollm2, tmp_path):
     assert s["examples/sft"] == 4 * s["steps/sft"] and s["examples/dpo"] == 2 * s["steps/dpo"]
     assert math.isfinite(s["val/sft_loss"]) and math.isfinite(s["val/dpo_loss"]) and s["tokens"] > 0
     assert s["skipped"]["sft"]["empty_response"] == 0 and s["skipped"]["dpo"]["identical_pair"] == 0
+
+
+# ------------------------------------------------------------------ benchmarks/real_model/pareto.py (offline parts)
+def load_driver(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("real_pareto", REPO / "benchmarks" / "real_model" / "pareto.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "real_pareto", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_settings_and_conflict_report(monkeypatch, tmp_path):
+    """The driver points the hub config at the local files, asks the Sequential runs for the switch validation and
+    keeps the checkpoints it generates from; its report reads the start, switch and end points of the runs."""
+    drv = load_driver(monkeypatch)
+    local = drv.local_settings(REPO.parent / "smollm2", REPO.parent / "shared" / "data")
+    assert "data.preference.eval_split=null" in local and any(s.startswith("model.model=") for s in local)
+    assert drv.extra_settings("sequential_sft_dpo", 100)[0] == "trainer.val_check_interval=50"
+    assert any("XRightCheckpoint" in s for s in drv.extra_settings("alright", 100))
+    assert drv.extra_settings("mix", 100) == []
+    seed = tmp_path / "seed0"
+    for name, s in {
+        "sft_only": {"optimizer_steps": 4, "val/sft_loss": 1.5, "val/dpo_loss": 0.75, "val/rewards_accuracies": 0.4},
+        "dpo_only": {"optimizer_steps": 4, "val/sft_loss": 1.8, "val/dpo_loss": 0.6, "val/rewards_accuracies": 0.7},
+        "lam0.5/sequential_sft_dpo": {
+            "optimizer_steps": 4, "val/sft_loss": 1.6, "val/dpo_loss": 0.7, "val/rewards_accuracies": 0.5,
+            "trajectory": [[0, 1.7, 0.6931], [2, 1.55, 0.76], [4, 1.6, 0.7]],
+        },
+    }.items():  # fmt: skip
+        (seed / name).mkdir(parents=True)
+        (seed / name / "summary.json").write_text(json.dumps(s))
+    report = drv.conflict_report(tmp_path, [0], [0.5])
+    assert "| start (the pretrained model) | 0 | 1.7000 | 0.6931 | |" in report
+    assert "| dpo_only | 4 | 1.8000 | 0.6000 | 0.700 |" in report
+    assert "| Sequential (SFT→DPO), lam 0.5 | 2 | 1.5500 | 0.7600 | |" in report
+    assert "| Sequential (SFT→DPO), lam 0.5 | 4 | 1.6000 | 0.7000 | 0.500 |" in report

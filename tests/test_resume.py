@@ -240,6 +240,23 @@ def test_loading_refuses_pickled_code(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
 
 
+def test_data_configs_load_under_their_current_and_their_old_module(tmp_path, monkeypatch):
+    """SFTData/PreferenceData moved from ``xright_pl.data.sources`` to ``xright_pl.data.specs``: checkpoints
+    that name them by either module load with ``weights_only=True``."""
+    from xright_pl.data.specs import PreferenceData, SFTData
+
+    hparams = {"sft": SFTData(path="a.jsonl", limit=3), "preference": PreferenceData(path="b.jsonl")}
+    new, old = tmp_path / "new.ckpt", tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hparams": hparams}, new)
+    for cls in (SFTData, PreferenceData):
+        monkeypatch.setattr(cls, "__module__", "xright_pl.data.sources")  # pickled as before the move
+    torch.save({"state_dict": {}, "hparams": hparams}, old)
+    monkeypatch.undo()
+    assert b"xright_pl.data.sources" in old.read_bytes() and b"xright_pl.data.sources" not in new.read_bytes()
+    for path in (new, old):
+        assert AtomicCheckpointIO().load_checkpoint(path)["hparams"] == hparams
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -296,7 +313,7 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, caplog, kind):
     module = tiny_module(sel)
     _poison(module, sel, kind)
     t = trainer(tmp_path, 4)
-    with caplog.at_level(logging.WARNING, logger="xright_pl.module"):
+    with caplog.at_level(logging.WARNING, logger="xright_pl.guards"):
         t.fit(module, datamodule=demo_data(limit=32))
     assert t.global_step == 4 and sel.attempts == 5  # one extra batch for the skipped update
     assert module.steps == {"sft": 4, "dpo": 0} and module.nonfinite_skips == 1

@@ -185,8 +185,10 @@ def test_mix_weights_and_zero_weight_skipped():
 
 def test_single():
     assert set(_branches(Single("dpo").bind(0.5), 5)) == {"dpo"}
+    with pytest.raises(ValueError, match="no such objective.*sft, dpo"):  # names are known once bound to a target
+        Single("x").bind(0.5)
     with pytest.raises(ValueError):
-        Single("x")
+        Single("")
 
 
 def test_maxright_eval_every_not_below_max_steps_warns(tmp_path, caplog):
@@ -205,3 +207,91 @@ def test_maxright_eval_every_not_below_max_steps_warns(tmp_path, caplog):
     warned = fit(10)
     assert len(warned) == 1 and "eval_every=10 is not smaller than max_steps=3" in warned[0]
     assert fit(2) == []
+
+
+# ---------------------------------------------------------------------------------------------- K objectives
+THREE = {"alpaca": 0.3, "dolly": 0.2, "hh": 0.5}
+
+
+def test_weights_are_checked_and_lam_is_the_pair():
+    from xright_pl.selectors import check_weights
+
+    sel = Mix().bind({"sft": 0.75, "dpo": 0.25})
+    assert sel.lam == 0.25 and sel.weights == Mix().bind(0.25).weights == {"sft": 0.75, "dpo": 0.25}
+    assert Mix().bind(THREE).lam is None
+    with pytest.raises(ValueError, match="sum to 0.9"):
+        check_weights({"a": 0.5, "b": 0.4})
+    with pytest.raises(ValueError, match="b: -0.1"):
+        check_weights({"a": 1.1, "b": -0.1})
+
+
+def test_alright_pair_draws_are_the_old_rule():
+    """For the pair, the K-way draw is exactly ``u < lam`` -> DPO (the same generator, the same branches)."""
+    import torch
+
+    for lam in (0.0, 0.3, 1.0):
+        g = torch.Generator().manual_seed(5)
+        expected = ["dpo" if torch.rand((), generator=g).item() < lam else "sft" for _ in range(500)]
+        assert _branches(Alright(seed=5).bind(lam), 500) == expected
+
+
+def test_alright_three_objectives_shares_within_binomial_bounds():
+    """n = 6000 draws; objective k's count is Binomial(n, lambda_k): accept +- 4 sd."""
+    n = 6000
+    counts = {k: 0 for k in THREE}
+    for b in _branches(Alright(seed=11).bind(THREE), n):
+        counts[b] += 1
+    for k, w in THREE.items():
+        assert abs(counts[k] - n * w) <= 4 * math.sqrt(n * w * (1 - w)), counts
+    zero = _branches(Alright(seed=1).bind({"a": 0.5, "b": 0.0, "c": 0.5}), 2000)
+    assert "b" not in zero
+
+
+def test_maxright_three_objectives_picks_the_largest_weighted_gap():
+    """Weighted gaps with f* = 1 for all: alpaca 0.3 * (2 - 1) = 0.3, dolly 0.2 * (3 - 1) = 0.4, hh 0.5 * (1.6 - 1)
+    = 0.3: dolly. After dolly is refreshed to 2 (gap 0.2), alpaca and hh tie at 0.3: the later one, hh."""
+    sel = Maxright(f_star={"alpaca": 1.0, "dolly": 1.0, "hh": 1.0}, eval_every=10).bind(THREE)
+    assert sel.needs(0) == ("alpaca", "dolly", "hh")
+    assert sel.decide(0, {"alpaca": 2.0, "dolly": 3.0, "hh": 1.6}).weights == {"dolly": 1.0}
+    sel.observe(0, sel.decide(0, {}), {"dolly": 2.0})
+    assert sel.gaps() == pytest.approx({"alpaca": 0.3, "dolly": 0.2, "hh": 0.3})
+    assert sel.needs(1) == ()
+    assert sel.decide(1, {}).weights == {"hh": 1.0}
+    assert Maxright(f_star={"a": 0.0, "b": 0.0}).bind({"a": 1.0, "b": 0.0}).needs(0) == ()  # one objective
+
+
+def test_mix_and_single_with_three_objectives():
+    assert Mix().bind(THREE).decide(0, {}).weights == THREE
+    assert Mix().bind({"a": 0.5, "b": 0.0, "c": 0.5}).decide(0, {}).weights == {"a": 0.5, "c": 0.5}
+    assert set(_branches(Single("dolly").bind(THREE), 4)) == {"dolly"}
+
+
+def test_sequential_stages_split_max_steps_by_weight_and_resume():
+    """Stages hh, alpaca, dolly with weights 0.5, 0.3, 0.2 of 100 steps: switches at 50 and 80; the optimizer is
+    re-created at each switch. A resumed selector keeps the switches that happened."""
+    sel = Sequential(stages=["hh", "alpaca", "dolly"]).bind(THREE, StepContext(max_steps=100))
+    assert sel.stage_boundaries() == [50, 80]
+    decisions = [sel.decide(i, {}) for i in range(100)]
+    assert [d.branch for d in decisions].count("hh") == 50
+    assert [d.branch for d in decisions].count("alpaca") == 30
+    assert [i for i, d in enumerate(decisions) if d.reset_optimizer] == [50, 80]
+    assert not any(d.reset_reference for d in decisions)
+    half = Sequential(stages=["hh", "alpaca", "dolly"]).bind(THREE, StepContext(max_steps=100))
+    for i in range(60):
+        half.decide(i, {})
+    resumed = Sequential(stages=["hh", "alpaca", "dolly"]).bind(THREE, StepContext(max_steps=200))
+    resumed.load_state_dict(half.state_dict())
+    assert resumed.stage_boundaries() == [50, 160]  # the switch at 50 happened; the next follows the new budget
+    fixed = Sequential(stages=["dolly", "hh"], stage_steps=[7]).bind(THREE, StepContext(max_steps=100))
+    assert [fixed.decide(i, {}).branch for i in (6, 7)] == ["dolly", "hh"]
+    with pytest.raises(ValueError, match="no such objective"):
+        Sequential(stages=["hh", "x"]).bind(THREE)
+    with pytest.raises(ValueError, match="stage_steps must be 2 integers"):
+        Sequential(stages=["a", "b", "c"], stage_steps=[3])
+
+
+def test_maxright_nan_gap_picks_sft_as_before():
+    """The old rule ``dpo if g_dpo >= g_sft else sft`` sends any NaN gap to SFT; the K-way rule keeps that."""
+    for losses in ({"sft": float("nan"), "dpo": 1.0}, {"sft": 1.0, "dpo": float("nan")}):
+        sel = Maxright(f_sft_star=0.0, f_dpo_star=0.0, eval_every=1).bind(0.5)
+        assert sel.decide(0, losses).weights == {"sft": 1.0}

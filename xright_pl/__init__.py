@@ -2,7 +2,7 @@
 
 from xright_pl.callbacks import RunSummary
 from xright_pl.data.module import Batching, JointDataModule
-from xright_pl.data.sources import PreferenceData, SFTData
+from xright_pl.data.specs import PreferenceData, SFTData
 from xright_pl.module import XRightModule
 from xright_pl.selectors import Alright, Decision, Maxright, Mix, Selector, Sequential, Single
 

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl.commandline import resume_command
-from xright_pl.selectors import Selector
+from xright_pl.selectors import selector_of
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -77,15 +77,16 @@ class RunSummary(Callback):
         wall = time.perf_counter() - self._t0
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         tokens = sum(getattr(pl_module, "tokens", {}).values()) - self._tokens0
-        selector = next((c for c in trainer.callbacks if isinstance(c, Selector)), None)
+        selector = selector_of(pl_module)
+        target = pl_module.target() if hasattr(pl_module, "target") else None  # {name: lambda_k} with K data sets
         dm = getattr(trainer, "datamodule", None)
         out: dict[str, Any] = {
             "method": selector.name if selector else None,
             "selector": selector.describe() if selector else None,
-            "lam": getattr(pl_module, "lam", None),
+            "lam": getattr(pl_module, "lam", None) if not isinstance(target, dict) else None,
+            **({"weights": target} if isinstance(target, dict) else {}),
             **metrics,
-            "steps/sft": pl_module.steps["sft"],
-            "steps/dpo": pl_module.steps["dpo"],
+            **{f"steps/{k}": v for k, v in getattr(pl_module, "steps", {}).items()},
             "optimizer_steps": trainer.global_step,
             "wall_time_s": round(wall, 3),
             "step_time_s": round(self._step_time, 3),
@@ -97,8 +98,8 @@ class RunSummary(Callback):
             "reevaluated_forwards": getattr(pl_module, "reevaluated_forwards", 0),
         }
         if dm is not None and hasattr(dm, "consumed_examples"):
-            out["examples/sft"] = dm.consumed_examples().get("sft", 0)
-            out["examples/dpo"] = dm.consumed_examples().get("dpo", 0)
+            consumed = dm.consumed_examples()
+            out.update({f"examples/{k}": consumed.get(k, 0) for k in getattr(pl_module, "steps", consumed)})
             out["skipped"] = getattr(dm, "skipped", {})
         last = getattr(trainer.checkpoint_callback, "last_model_path", "")
         if last:
@@ -127,7 +128,7 @@ class RunSummary(Callback):
 def format_summary(summary: dict[str, Any]) -> str:
     rows = []
     for k, v in summary.items():
-        if k in ("skipped", "path", "last_checkpoint"):
+        if k in ("skipped", "path", "last_checkpoint", "trajectory"):
             continue
         if isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"

@@ -117,16 +117,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_types() -> list[type]:
+def checkpoint_types() -> list[type | tuple[type, str]]:
     """The library's plain dataclasses that may appear in a checkpoint's hyper-parameters.
 
     ``torch.load(weights_only=True)`` rebuilds only tensors, numbers, strings, containers and the types listed
-    here (field values only: no code runs).
+    here (field values only: no code runs). A ``(type, "module.Name")`` pair lets a checkpoint written before
+    the type moved name it by its old module (``SFTData``/``PreferenceData`` lived in ``xright_pl.data.sources``).
     """
     from xright_pl.data.module import Batching
-    from xright_pl.data.sources import PreferenceData, SFTData
+    from xright_pl.data.specs import PreferenceData, SFTData
 
-    types: list[type] = [Batching, PreferenceData, SFTData]
+    types: list[type | tuple[type, str]] = [Batching, PreferenceData, SFTData]
+    types += [(cls, f"xright_pl.data.sources.{cls.__qualname__}") for cls in (PreferenceData, SFTData)]
     try:
         from xright_pl.lora import LoraSettings
     except ImportError:  # pragma: no cover - optional dependency missing

@@ -21,25 +21,31 @@ class DesyncError(XRightError):
     """Processes took different branches at the same optimizer step."""
 
 
-def decision_code(step: int, decision: Decision) -> torch.Tensor:
-    """The decision as a float64 vector ``[step, w_sft, w_dpo, reset_optimizer, reset_reference]``."""
+def decision_code(step: int, decision: Decision, names: tuple[str, ...] = OBJECTIVES) -> torch.Tensor:
+    """The decision as a float64 vector ``[step, w_1, ..., w_K, reset_optimizer, reset_reference]`` (the weights of
+    the objectives ``names``, e.g. ``w_sft, w_dpo``)."""
     w = decision.weights
+    unknown = [k for k in w if k not in names]
+    if unknown:
+        raise XRightError(f"the selector chose {', '.join(unknown)}, which is not an objective of the run ({names})")
     return torch.tensor(
-        [float(step), *(float(w.get(k, 0.0)) for k in OBJECTIVES)]
+        [float(step), *(float(w.get(k, 0.0)) for k in names)]
         + [float(decision.reset_optimizer), float(decision.reset_reference)],
         dtype=torch.float64,
     )
 
 
-def describe_codes(codes: torch.Tensor) -> str:
+def describe_codes(codes: torch.Tensor, names: tuple[str, ...] = OBJECTIVES) -> str:
     parts = []
     for rank, row in enumerate(codes.tolist()):
-        weights = {k: row[1 + i] for i, k in enumerate(OBJECTIVES) if row[1 + i] != 0.0}
-        parts.append(f"rank {rank}: step {int(row[0])} weights {weights} resets {row[3:]}")
+        weights = {k: row[1 + i] for i, k in enumerate(names) if row[1 + i] != 0.0}
+        parts.append(f"rank {rank}: step {int(row[0])} weights {weights} resets {row[1 + len(names) :]}")
     return "; ".join(parts)
 
 
-def check_agreement(strategy, step: int, decision: Decision, selector_name: str = "selector") -> None:
+def check_agreement(
+    strategy, step: int, decision: Decision, selector_name: str = "selector", names: tuple[str, ...] = OBJECTIVES
+) -> None:
     """Raise :class:`DesyncError` on every process if the processes' decisions for ``step`` differ.
 
     ``strategy`` is the Trainer's strategy (its ``all_gather`` works on every backend); a single process
@@ -48,11 +54,11 @@ def check_agreement(strategy, step: int, decision: Decision, selector_name: str 
     if getattr(strategy, "world_size", 1) <= 1:
         return
     # gloo and NCCL both gather float64 on the root device of the strategy.
-    code = decision_code(step, decision).to(strategy.root_device)
+    code = decision_code(step, decision, names).to(strategy.root_device)
     gathered = strategy.all_gather(code).reshape(-1, code.numel()).cpu()
     if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
         raise DesyncError(
-            f"the processes disagree on what optimizer step {step} trains ({describe_codes(gathered)}). Training"
+            f"the processes disagree on what optimizer step {step} trains ({describe_codes(gathered, names)}). Training"
             f" stopped before any backward pass, so no SFT gradient was averaged with a DPO one. The"
             f" {selector_name} must decide identically on every process: draw from a generator seeded the same"
             " on every rank (not the global RNG, and not seeded with the rank) and decide only from values that"

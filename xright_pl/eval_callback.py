@@ -7,7 +7,8 @@ model's answers, or the data set's chosen answers), and ``eval/win_rate`` with i
 are logged, plus a few sample answers as TensorBoard text (tag ``eval/samples``).
 
 The held-out prompts are the prompt parts of the data module's tokenized validation pairs (preference data
-first, else SFT), so they are exactly the training prompts' tokens; ``prompts`` reads a file instead.
+first, else SFT; with ``data.datasets`` the first preference data set, else the first SFT one, or the one
+named by ``dataset``), so they are exactly the training prompts' tokens; ``prompts`` reads a file instead.
 Every process computes the same numbers (same prompts, same weights); tested on one device.
 """
 
@@ -19,7 +20,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from xright_pl.data.sources import SOURCE_ROW_COLUMN, eval_source
+from xright_pl.data.encoding import SOURCE_ROW_COLUMN
+from xright_pl.data.specs import eval_source
 from xright_pl.errors import ConfigError
 from xright_pl.generate import PromptEncoder, eos_token_ids, generate_batch, read_prompts
 from xright_pl.judge import RewardScorer, win_rate
@@ -65,6 +67,9 @@ class WinRateCallback(Callback):
         reward_tokenizer: tokenizer of the reward model, if not in its folder.
         input_format: reward model input: auto, chat, pair or text (see ``python -m xright_pl judge``).
         reward_dtype: reward model dtype (float32, bfloat16, float16; default: its own).
+        dataset: the validation data set whose prompts are answered: a name of ``data.datasets`` (or ``sft`` /
+            ``dpo`` for the pair); None: the first preference data set with held-out data, else the first SFT
+            one. With ``prompts`` its settings (prompt template, chat template, max prompt length) encode them.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class WinRateCallback(Callback):
         reward_tokenizer: str | None = None,
         input_format: Literal["auto", "chat", "pair", "text"] = "auto",
         reward_dtype: str | None = None,
+        dataset: str | None = None,
     ) -> None:
         problems = []
         if baseline not in ("reference", "chosen"):
@@ -91,6 +97,8 @@ class WinRateCallback(Callback):
         for name, v in (("num_prompts", num_prompts), ("every_n_steps", every_n_steps), ("batch_size", batch_size)):
             if not isinstance(v, int) or v < 1:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
+        if dataset is not None and (not isinstance(dataset, str) or not dataset):
+            problems.append(f"dataset must be a data set's name, got {dataset!r}")
         if max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if problems:
@@ -108,6 +116,7 @@ class WinRateCallback(Callback):
         self.reward_tokenizer = reward_tokenizer
         self.input_format = input_format
         self.reward_dtype = reward_dtype
+        self.dataset = dataset
         self.last_step: int | None = None
         self.last: dict[str, float] = {}
         self.samples: list[dict[str, Any]] = []
@@ -126,6 +135,23 @@ class WinRateCallback(Callback):
         self.last_step = state_dict.get("last_step")
 
     # ------------------------------------------------------------------ data
+    def data_sets(self, dm: Any) -> list[tuple[str, Any, str]]:
+        """The candidate data sets ``(name, SFTData/PreferenceData, "sft" | "preference")`` in the order they are
+        tried: ``dataset`` alone if given, else the preference data sets first, then the SFT ones."""
+        if getattr(dm, "datasets", None):
+            sets = [(d.name, d.sft if d.sft is not None else d.preference, d.data_kind) for d in dm.datasets]
+        else:  # the pair
+            sets = [("dpo", getattr(dm, "preference", None), "preference"), ("sft", getattr(dm, "sft", None), "sft")]
+        if self.dataset is not None:
+            chosen = [s for s in sets if s[0] == self.dataset]
+            if not chosen:
+                raise ConfigError(
+                    f"WinRateCallback(dataset={self.dataset!r}): the data module has no such data set; it has"
+                    f" {', '.join(s[0] for s in sets)}."
+                )
+            return chosen
+        return [s for s in sets if s[2] == "preference"] + [s for s in sets if s[2] != "preference"]
+
     def held_out(self, trainer: pl.Trainer) -> tuple[list[list[int]], list[str], list[str | None]]:
         """(prompt token ids, instruction texts, chosen answers) of the held-out prompts (computed once)."""
         if self._items is not None:
@@ -135,25 +161,32 @@ class WinRateCallback(Callback):
         if tok is None:
             raise ConfigError("WinRateCallback needs the data module's tokenizer (use JointDataModule).")
         if self.prompts is not None:
-            template = getattr(getattr(dm, "sft", None), "prompt_template", None)
-            pref = getattr(dm, "preference", None)
-            chat = bool(getattr(pref, "use_chat_template", False))  # prompts built as the preference data's
+            if getattr(dm, "datasets", None) or self.dataset is not None:
+                spec = self.data_sets(dm)[0][1]  # prompts built as that data set's
+                template, pref = getattr(spec, "prompt_template", None), spec
+            else:  # the pair: the SFT template, the preference data's chat template and prompt length
+                template = getattr(getattr(dm, "sft", None), "prompt_template", None)
+                pref = getattr(dm, "preference", None)
+            chat = bool(getattr(pref, "use_chat_template", False))
             items = read_prompts(self.prompts, "auto", template, self.num_prompts, chat=chat)
             encode = PromptEncoder(tok, getattr(pref, "max_prompt_length", None))
             ids = [encode(it.prompt) for it in items]
             self._items = (ids, [it.instruction for it in items], [it.reference for it in items])
         else:
             val = getattr(dm, "val_sets", {})
-            name = "dpo" if "dpo" in val else "sft" if "sft" in val else None
-            if name is None:
+            candidates = self.data_sets(dm)
+            found = next(((name, spec, kind) for name, spec, kind in candidates if name in val), None)
+            if found is None:
+                which = f"data set {self.dataset!r}" if self.dataset is not None else "any data set"
                 raise ConfigError(
-                    "WinRateCallback found no validation data: give held-out data (eval_path or val_fraction > 0)"
-                    " or a prompts file (prompts=...)."
+                    f"WinRateCallback found no validation data in {which}: give held-out data (eval_path or"
+                    " val_fraction > 0) or a prompts file (prompts=...)."
                 )
+            name, spec, kind = found
             ds = val[name]
-            col = "chosen_" if name == "dpo" else ""
+            col = "chosen_" if kind == "preference" else ""
             rows = ds.select(range(min(self.num_prompts, len(ds))))
-            source = _source_items(dm.preference if name == "dpo" else dm.sft, rows[SOURCE_ROW_COLUMN])
+            source = _source_items(spec, rows[SOURCE_ROW_COLUMN])
             ids, texts, chosen = [], [], []
             for row, item in zip(rows, source):
                 seq, labels = list(row[f"{col}input_ids"]), list(row[f"{col}labels"])

@@ -175,7 +175,7 @@ def export(
             and the adapters in ``out_dir/adapter``.
         dtype: cast the weights before saving (``bfloat16``, ``float16``, ``float32``); None keeps them.
     """
-    from xright_pl.data.sources import load_tokenizer
+    from xright_pl.data.encoding import load_tokenizer
 
     policy, cfg = load_policy(checkpoint, run_config)
     tok_name = tokenizer or (cfg.get("data") or {}).get("tokenizer")

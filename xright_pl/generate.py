@@ -30,12 +30,10 @@ import torch
 
 from xright_pl.assets import resolve
 from xright_pl.data.chat import ChatEncoder, text_to_messages
-from xright_pl.data.sources import (
+from xright_pl.data.encoding import _Encoder, load_tokenizer
+from xright_pl.data.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
-    DataError,
-    _Encoder,
-    _read_source,
     _response_text,
     _split_preference_row,
     _validate,
@@ -43,8 +41,9 @@ from xright_pl.data.sources import (
     detect_sft_format,
     format_preference_row,
     format_sft_row,
-    load_tokenizer,
 )
+from xright_pl.data.readers import _read_source
+from xright_pl.errors import DataError
 from xright_pl.models import _DTYPES, ModelError
 
 log = logging.getLogger(__name__)
@@ -735,6 +734,8 @@ def generate(
     first = _read_source(prompts, split, 1).first()
     kind = "preference" if "chosen" in first and "rejected" in first else "sft"
     run_data = data_cfg.get(kind) or {}  # the training settings of this kind of rows
+    if data_cfg.get("datasets"):  # K data sets: the first of this kind (data.sft / data.preference were not used)
+        run_data = next((d.get(kind) for d in data_cfg["datasets"] if d.get(kind)), None) or {}
     from_run = prompt_template is None
     if from_run:
         prompt_template = run_data.get("prompt_template")

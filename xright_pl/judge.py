@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from xright_pl.data.sources import DataError
+from xright_pl.errors import DataError
 from xright_pl.generate import read_prompts, write_json_atomic
 from xright_pl.models import _DTYPES, ModelError
 

@@ -25,7 +25,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, load_optimum
+from xright_pl.optimum import Optimum, OptimumK, load_optimum
+from xright_pl.selectors import selector_of
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,13 @@ class TradeoffGap(Metric):
         }
 
 
+def tradeoff_gaps_k(losses: dict[str, float], f_star: dict[str, float]) -> dict[str, float]:
+    """``{"{name}_gap": f_k - f_k*, ..., "ideal_distance": sqrt(sum of squared gaps)}`` over the objectives of
+    ``losses`` (each must have an optimum in ``f_star``); for the pair the same numbers as :func:`tradeoff_gaps`."""
+    gaps = {f"{k}_gap": float(v) - float(f_star[k]) for k, v in losses.items()}
+    return {**gaps, "ideal_distance": math.sqrt(sum(g * g for g in gaps.values()))}
+
+
 def optimum_of(trainer: pl.Trainer) -> Optimum | None:
     """The optima known to this run: a :class:`TradeoffMetrics` callback's, else a MAXRIGHT selector's given
     optima (an online estimate does not count), else None."""
@@ -149,23 +157,41 @@ class TradeoffMetrics(Callback):
     ``trainer.callback_metrics``, so :class:`~xright_pl.callbacks.RunSummary` puts them in ``summary.json``.
 
     Args:
-        optimum_file: JSON file with ``f_sft_star`` and ``f_dpo_star`` (from ``python -m xright_pl optimum``).
+        optimum_file: JSON file from ``python -m xright_pl optimum``: the pair's ``f_sft_star`` and
+            ``f_dpo_star``, or (from ``--datasets_config`` (``data.datasets``)) every data set's ``f_star``.
         f_sft_star: optimum of the SFT loss (instead of a file).
         f_dpo_star: optimum of the DPO loss (instead of a file).
+        f_star: the optima of any number of objectives, ``{name: f_k*}``: logs ``val/{name}_gap`` for each and
+            ``val/ideal_distance`` (Euclidean over all of them). Without it, a MAXRIGHT selector's ``f_star``.
     """
 
     def __init__(
-        self, optimum_file: str | None = None, f_sft_star: float | None = None, f_dpo_star: float | None = None
+        self,
+        optimum_file: str | None = None,
+        f_sft_star: float | None = None,
+        f_dpo_star: float | None = None,
+        f_star: dict[str, float] | None = None,
     ) -> None:
         given = (f_sft_star is not None, f_dpo_star is not None)
+        if f_star is not None and (optimum_file is not None or any(given)):
+            raise ConfigError("TradeoffMetrics: give f_star or the pair's optima, not both.")
+        self._own_star = {str(k): float(v) for k, v in f_star.items()} if f_star else None
+        self.f_star: dict[str, float] | None = self._own_star
         if optimum_file is not None and any(given):
             raise ConfigError("TradeoffMetrics: give optimum_file or f_sft_star and f_dpo_star, not both.")
         if any(given) and not all(given):
             raise ConfigError("TradeoffMetrics needs both f_sft_star and f_dpo_star (or an optimum_file).")
         self.optimum_file = optimum_file
         self._own: Optimum | None = None
+        #: A named objectives' optimum file (its ``f_star`` is used); None otherwise.
+        self.optimum_k: OptimumK | None = None
         if optimum_file is not None:
-            self._own = load_optimum(optimum_file)
+            loaded = load_optimum(optimum_file)
+            if isinstance(loaded, OptimumK):
+                self.optimum_k = loaded
+                self._own_star = self.f_star = dict(loaded.f_star)
+            else:
+                self._own = loaded
         elif all(given):
             self._own = Optimum(float(f_sft_star), float(f_dpo_star))
         self.optimum: Optimum | None = self._own
@@ -173,6 +199,10 @@ class TradeoffMetrics(Callback):
         self._beaten: set[str] = set()  # objectives whose f* a validation went below (warned once)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.f_star = self._own_star
+        if self.f_star is None and self._own is None:
+            selector = selector_of(pl_module)
+            self.f_star = getattr(selector, "given_star", None)
         self.optimum = self._own
         if self.optimum is None:
             from xright_pl.selectors import Maxright
@@ -182,11 +212,57 @@ class TradeoffMetrics(Callback):
                 sel = pl_module._selector
                 found = [sel] if isinstance(sel, Maxright) and sel.optimum is not None else []
             self.optimum = found[0].optimum if found else None
-        if self.optimum is not None and hasattr(pl_module, "beta"):
-            self.optimum.check_beta(pl_module.beta)
+        for measured in (self.optimum, self.optimum_k):
+            if measured is not None and hasattr(pl_module, "beta"):
+                measured.check_beta(pl_module.beta)
+
+    def check_objectives(self, pl_module: pl.LightningModule) -> None:
+        """Refuse optima of its own (a file, the pair's numbers or ``f_star``) that miss an objective of the run."""
+        names = list(getattr(pl_module, "objectives", None) or ())
+        if not names:
+            return
+        if self._own is not None:
+            have = {"sft", "dpo"}
+            how = f"the SFT/DPO pair's optima ({self._own.source})"
+        elif self._own_star is not None:
+            have = set(self._own_star)
+            how = f"optima of {', '.join(self._own_star)}" + (f" ({self.optimum_k.source})" if self.optimum_k else "")
+        else:
+            return
+        missing = [k for k in names if k not in have]
+        if missing:
+            raise ConfigError(
+                f"TradeoffMetrics has no optimum for {', '.join(missing)}: it was given {how}, and this run's"
+                f" objectives are {', '.join(names)}. Give --tradeoff.f_star with one value per objective, or"
+                " --tradeoff.optimum_file measured for them (`python -m xright_pl optimum --datasets_config CONFIG`"
+                " runs a Single fit per data set of CONFIG's data.datasets), or --tradeoff.optimum_file null."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_objectives(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_objectives(pl_module)
+
+    def _log_star_gaps(self, trainer: pl.Trainer) -> None:
+        """K objectives: ``val/{name}_gap`` for each objective with an optimum, and their Euclidean norm."""
+        metrics = trainer.callback_metrics
+        losses = {k: float(metrics[f"val/{k}_loss"]) for k in self.f_star if f"val/{k}_loss" in metrics}
+        if not losses:
+            return
+        gaps = tradeoff_gaps_k(losses, self.f_star)
+        self.last = {f"val/{k}": v for k, v in gaps.items()}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=max(trainer.global_step - 1, 0))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.optimum is None:
+        if trainer.sanity_checking:
+            return
+        if self.f_star is not None:
+            return self._log_star_gaps(trainer)
+        if self.optimum is None:
             return
         metrics = trainer.callback_metrics
         if "val/sft_loss" not in metrics or "val/dpo_loss" not in metrics:
@@ -212,6 +288,8 @@ class TradeoffMetrics(Callback):
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the optima used and where they came from."""
+        if self.f_star is not None:
+            return {"f_star": dict(self.f_star), **({"optimum": self.optimum_k.source} if self.optimum_k else {})}
         if self.optimum is None:
             return {}
         return {"f_sft_star": self.optimum.f_sft, "f_dpo_star": self.optimum.f_dpo, "optimum": self.optimum.source}

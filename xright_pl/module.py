@@ -6,8 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,31 +15,25 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from xright_pl.data.module import LENGTH_COLUMNS, REF_COLUMNS
-from xright_pl.data.streams import StreamTicket, row_lengths
+from xright_pl.data.streams import StreamTicket
 from xright_pl.distributed import check_agreement, fully_shard_model
-from xright_pl.errors import ConfigError, XRightError
+from xright_pl.errors import ConfigError
+from xright_pl.guards import NonFiniteGuard, TrainingError, check_finite_weights
 from xright_pl.lightning_private import replace_optimizers
-from xright_pl.lora import LoraSettings, apply_lora, fold_adapters, reference_mode
-from xright_pl.losses import PREFERENCE_LOSSES, dpo_metrics, sequence_logps, sft_loss
+from xright_pl.lora import LoraSettings, apply_lora
+from xright_pl.losses import PREFERENCE_LOSSES
 from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
-from xright_pl.selectors import OBJECTIVES, Decision, Selector, Sequential, StepContext, check_lam
+from xright_pl.objectives import OBJECTIVE_KINDS, Objective, ObjectiveOutput
+from xright_pl.reference import cache_reference_logps, reference_logps, reset_to_policy
+from xright_pl.rng import RngStream
+from xright_pl.selectors import Selector, Single, StepContext, check_lam
+from xright_pl.steps import StepAccumulator, lookahead_units
 from xright_pl.types import PreferenceBatch, SFTBatch
 
 log = logging.getLogger(__name__)
 
-
-class TrainingError(XRightError):
-    """Training cannot go on (e.g. too many consecutive non-finite losses or gradients)."""
-
-
-def _step_mean(losses: list[Tensor], units: list[int | None]) -> Tensor:
-    """The step's mean loss from its micro-batch means: weighted by what each averages over when known."""
-    stacked = torch.stack(losses)
-    if any(u is None for u in units) or sum(units) == 0:
-        return stacked.mean()
-    return (stacked * torch.tensor(units, dtype=stacked.dtype, device=stacked.device)).sum() / sum(units)
+__all__ = ["XRightModule", "TrainingError", "run_folders"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -48,32 +41,6 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - values without a plain equality (tensors, ...)
         return repr(a) == repr(b)
-
-
-def _columns(dataset: Any) -> list[str]:
-    """Column names of a ``datasets.Dataset`` or of the first row of a list of dicts."""
-    names = getattr(dataset, "column_names", None)
-    return list(names) if names is not None else list(dataset[0]) if len(dataset) else []
-
-
-@dataclass
-class ObjectiveOutput:
-    """One objective's forward pass on one micro-batch.
-
-    Attributes:
-        loss: scalar loss with its graph (SFT: token-mean NLL; DPO: pair-mean preference loss, see ``loss_type``).
-        num_tokens: 0-dim count of non-padding tokens processed.
-        num_examples: SFT rows or preference pairs in the batch.
-        metrics: detached scalars to log (``rewards/...``, ``logps/...``).
-        units: what ``loss`` averages over on this micro-batch (SFT: scored response tokens; DPO: pairs), set
-            by the training step from the host copy of the batch; ``None`` when unknown.
-    """
-
-    loss: Tensor
-    num_tokens: Tensor
-    num_examples: int
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    units: int | None = None
 
 
 class XRightModule(pl.LightningModule):
@@ -174,7 +141,6 @@ class XRightModule(pl.LightningModule):
         self.automatic_optimization = False
         self.lam = float(lam)
         self.beta = float(beta)
-        self.preference_loss = PREFERENCE_LOSSES[loss_type]
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
@@ -183,24 +149,82 @@ class XRightModule(pl.LightningModule):
         self.reference: torch.nn.Module | None = None
         self.reference_is_initial = reference is None
         self.reference_released = False  # True once s_ref is cached in the data and the reference model freed
-        self.val_sft_loss = MeanMetric()
-        self.val_dpo_loss = MeanMetric()
-        self.val_dpo_accuracy = MeanMetric()
-        self.steps = {"sft": 0, "dpo": 0}
-        self.tokens = {"sft": 0, "dpo": 0}
-        self._micro = 0
-        self._decision: Decision | None = None
-        self._pre: dict[str, ObjectiveOutput] = {}
-        self._step_outputs: dict[str, list[ObjectiveOutput]] = {}
-        self._step_units: dict[str, tuple[list[int], Tensor | int]] = {}
-        self._log_window = StepLogWindow()
-        self._device_batches: dict[str, Any] = {}
-        self._rng_state: dict[str, Tensor | None] | None = None  # training RNG stream (dropout), checkpointed
         self._reference_reset = False  # the reference was replaced by a copy of the policy (stored in checkpoints)
-        self.nonfinite_skips = 0
+        self._use_objectives({"sft": "sft", "dpo": "preference"})
+        #: The optimizer step in progress across its micro-batches (see :mod:`xright_pl.steps`).
+        self.accumulator = StepAccumulator(accumulate_grad_batches)
+        #: Steps skipped for a non-finite loss or gradient (see :mod:`xright_pl.guards`).
+        self.nonfinite_guard = NonFiniteGuard(max_consecutive_nonfinite)
+        #: The random stream of the training steps (dropout), checkpointed (see :mod:`xright_pl.rng`).
+        self.training_rng = RngStream()
         self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
-        self._last_weights: Mapping[str, float] = {}
-        self._nonfinite_in_a_row = 0
+        self._log_window = StepLogWindow()
+        self._device_batches: dict[str, Any] = {}  # this micro-batch's batches on the device, by objective
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient."""
+        return self.nonfinite_guard.skips
+
+    @property
+    def _micro(self) -> int:
+        """Index of the next micro-batch of the optimizer step (0: at a step boundary); callbacks read it."""
+        return self.accumulator.micro
+
+    # ------------------------------------------------------------------ objectives
+    def _use_objectives(self, kinds: Mapping[str, str]) -> None:
+        """Build the objective plugins ``{name: kind}`` with their validation metrics and counters."""
+        unknown = sorted({k for k in kinds.values() if k not in OBJECTIVE_KINDS})
+        if unknown:
+            raise ConfigError(
+                f"unknown objective kind {', '.join(unknown)}; registered: {', '.join(OBJECTIVE_KINDS)}"
+                " (xright_pl.objectives.register_objective adds one)"
+            )
+        #: The objectives by name, each a plugin (:mod:`xright_pl.objectives`) built from its registered kind: the
+        #: module runs ``objectives[name].compute(self, batch)`` for whichever names the selector chooses.
+        self.objectives: dict[str, Objective] = {
+            name: OBJECTIVE_KINDS[kind].from_settings(name, self.hparams) for name, kind in kinds.items()
+        }
+        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
+        self.val_metrics = torch.nn.ModuleDict(
+            {_metric_key(k): MeanMetric() for o in self.objectives.values() for k in o.validation_keys()}
+        )
+        self.steps = dict.fromkeys(self.objectives, 0)
+        self.tokens = dict.fromkeys(self.objectives, 0)
+
+    def setup(self, stage: str) -> None:
+        """Take the objectives from the data module when it names its own (``data.datasets``)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "objective_weights", None) is None:
+            return
+        if self.hparams.get("precompute_reference_logps"):
+            raise ConfigError(
+                "precompute_reference_logps is not available with data.datasets yet: set"
+                " --model.precompute_reference_logps false"
+            )
+        kinds = dm.objective_kinds
+        if [(k, o.kind) for k, o in self.objectives.items()] != list(kinds.items()):
+            self._use_objectives(kinds)
+        for name, objective in self.objectives.items():
+            rows = SFTBatch if dm.data_kind(name) == "sft" else PreferenceBatch
+            if not issubclass(rows, objective.batch_type):
+                raise ConfigError(
+                    f"data set {name!r}: objective kind {objective.kind!r} trains on {objective.batch_type.__name__}"
+                    f" batches, but its data is {dm.data_kind(name)} rows"
+                )
+        selector = self._selector or next((c for c in self.trainer.callbacks if isinstance(c, Single)), None)
+        if isinstance(selector, Single) and selector.objective not in self.objectives:
+            raise ConfigError(
+                f"Single(objective={selector.objective!r}): the run has no such objective; it has"
+                f" {', '.join(self.objectives)}"
+            )
+
+    def target(self) -> float | dict[str, float]:
+        """The weights of the trade-off this run trains: ``lam`` for the pair, or ``{name: lambda_k}`` from the
+        data module's ``datasets``."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        weights = getattr(dm, "objective_weights", None)
+        return self.lam if weights is None else dict(weights)
 
     # ------------------------------------------------------------------ model
     def configure_model(self, with_reference: bool = True) -> None:
@@ -219,7 +243,7 @@ class XRightModule(pl.LightningModule):
         )
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        with_reference = with_reference and self.preference_loss.needs_reference  # simpo: no reference at all
+        with_reference = with_reference and self.needs_reference  # simpo: no reference at all
         if with_reference and hp.reference is not None:
             self.reference = setup_reference_model(
                 build_causal_lm(hp.reference, None, hp.seed, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
@@ -253,6 +277,11 @@ class XRightModule(pl.LightningModule):
         fully_shard_model(self.policy, mesh, mp)
         if self.reference is not None:
             fully_shard_model(self.reference, mesh, mp)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any objective uses the frozen reference (a reference-free loss such as SimPO does not)."""
+        return any(o.needs_reference for o in self.objectives.values())
 
     def train(self, mode: bool = True) -> XRightModule:
         super().train(mode)
@@ -288,7 +317,7 @@ class XRightModule(pl.LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        self.selector.bind(self.lam, self._step_context())
+        self.selector.bind(self.target(), self._step_context())
         if self.hparams.get("precompute_reference_logps"):
             self.precompute_reference()
         self._enter_training_modes()
@@ -311,62 +340,17 @@ class XRightModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # Again, now that the training streams exist: epoch-based settings (Sequential's switch_epochs) need
         # their steps per epoch, which are known only once Lightning has asked for the training loader.
-        self.selector.bind(self.lam, self._step_context())
+        self.selector.bind(self.target(), self._step_context())
 
     # ------------------------------------------------------------------ cached reference log-probs
     def precompute_reference(self) -> None:
         """Cache ``s_ref`` of every preference pair (train and val) in the data module, then release the
         reference model. Each process computes an equal share of the rows; the shares are all-gathered."""
-        sel = self.selector
-        if isinstance(sel, Sequential) and sel.reference == "stage_start" and sel.second == "dpo":
-            raise ConfigError(
-                "precompute_reference_logps cannot be used with Sequential(reference='stage_start'): its DPO"
-                " reference becomes the policy at the switch, so log-probs cached at the start would be wrong."
-                " Use reference='initial', or set --model.precompute_reference_logps false."
-            )
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "set_reference_logps"):
-            raise ConfigError(
-                "precompute_reference_logps needs the JointDataModule (trainer.fit(module, datamodule=...)),"
-                " whose preference sets receive the cached columns."
-            )
-        dm.load()
-        splits = [(split, sets.get("dpo")) for split, sets in (("train", dm.train_sets), ("val", dm.val_sets))]
-        splits = [(split, ds) for split, ds in splits if ds is not None and len(ds) > 0]
-        if self.reference_released:
-            if all(set(REF_COLUMNS) <= set(_columns(ds)) for _, ds in splits):
-                return  # cached by an earlier fit of this module on this data module
-            raise ConfigError("the reference model was already released; build a new XRightModule")
-        for split, ds in splits:
-            chosen, rejected = self._compute_reference_logps(ds, dm.collate("dpo"), dm.batching.eval_batch_size)
-            dm.set_reference_logps(split, chosen, rejected)
-        self.reference = None  # every batch now carries s_ref: free the model (LoRA: there was none)
-        self.reference_released = True
-        log.info("cached the reference log-probs of %s and released the reference model", [s for s, _ in splits])
-
-    def _compute_reference_logps(self, dataset: Any, collate: Any, batch_size: int) -> tuple[list[float], list[float]]:
-        """``(s_ref(chosen), s_ref(rejected))`` of every row of ``dataset``, in row order."""
-        strategy = self.trainer.strategy
-        n, world, rank = len(dataset), self.trainer.world_size, self.trainer.global_rank
-        per_rank = -(-n // world)
-        mine = [(rank + world * i) % n for i in range(per_rank)]  # wrapping: every process runs as many rows
-        lengths = row_lengths(dataset, LENGTH_COLUMNS["dpo"])
-        order = sorted(range(per_rank), key=lambda j: -lengths[mine[j]])  # longest first, little padding
-        out = torch.zeros(per_rank, 2, dtype=torch.float32, device=self.device)
-        with torch.no_grad(), strategy.precision_plugin.forward_context():
-            for start in range(0, per_rank, batch_size):
-                js = order[start : start + batch_size]
-                batch = strategy.batch_to_device(collate([dataset[mine[j]] for j in js]))
-                batch.ref_logps = None
-                ref = self.reference_logps(batch).float()
-                out[torch.tensor(js, device=out.device)] = torch.stack([ref[: len(js)], ref[len(js) :]], dim=1)
-        if world > 1:
-            gathered = strategy.all_gather(out).reshape(world * per_rank, 2)
-            index = torch.tensor([(r + world * i) % n for r in range(world) for i in range(per_rank)])
-            out = torch.zeros(n, 2, dtype=torch.float32, device=gathered.device)
-            out[index.to(out.device)] = gathered
-        out = out.cpu()
-        return out[:, 0].tolist(), out[:, 1].tolist()
+        if cache_reference_logps(
+            self.trainer, self.selector, self.reference_logps, self.reference_released, self.device
+        ):
+            self.reference = None  # every batch now carries s_ref: free the model (LoRA: there was none)
+            self.reference_released = True
 
     def _step_context(self) -> StepContext:
         dm = getattr(self.trainer, "datamodule", None)
@@ -381,47 +365,38 @@ class XRightModule(pl.LightningModule):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def sft_objective(self, batch: SFTBatch) -> ObjectiveOutput:
-        logits = self.forward_logits(batch.input_ids, batch.attention_mask)
-        loss, _ = sft_loss(logits, batch.labels)
-        return ObjectiveOutput(loss, batch.num_tokens(), batch.num_examples)
+        """The ``sft`` objective on ``batch`` (see :class:`~xright_pl.objectives.SFTObjective`). A subclass (or an
+        instance attribute) that overrides it replaces the ``sft`` objective in training and validation, as
+        before objectives were plugins."""
+        return self._plugin("sft", batch)
 
-    @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch) -> Tensor:
         """``s_ref(y)`` for the ``[2B]`` sequences of ``batch`` (cached values when the batch carries them)."""
-        if batch.ref_logps is not None:
-            return batch.ref_logps
-        if self.reference_released:
-            raise ConfigError(
-                "this preference batch has no cached reference log-probs and the reference model was released"
-                " (precompute_reference_logps=True): evaluate on the data module the module was fitted with."
-            )
-        if self.reference is None:  # LoRA: the reference is the policy with its adapters disabled
-            with reference_mode(self.policy) as base:
-                logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        else:
-            logits = self.reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return sequence_logps(logits.logits, batch.labels).logps
+        return reference_logps(self.policy, self.reference, batch, self.reference_released)
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
-        loss_fn = self.preference_loss
-        ref = self.reference_logps(batch) if loss_fn.needs_reference else None
-        seq = sequence_logps(self.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
-        logps, n, b = seq.logps, seq.num_tokens, batch.num_examples
-        hp = self.hparams
-        out = loss_fn(
-            logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:], self.beta,
-            chosen_tokens=n[:b], rejected_tokens=n[b:],
-            label_smoothing=hp.get("label_smoothing", 0.0), simpo_gamma=hp.get("simpo_gamma", 0.5),
-        )  # fmt: skip
-        metrics = dpo_metrics(out, logps[:b].detach(), logps[b:].detach())
-        return ObjectiveOutput(out.losses.mean(), batch.num_tokens(), b, metrics)
+        """The ``dpo`` objective on ``batch`` (see :class:`~xright_pl.objectives.PreferenceObjective`); overridable
+        like :meth:`sft_objective`."""
+        return self._plugin("dpo", batch)
 
     def objective(self, name: str, batch: Any) -> ObjectiveOutput:
-        if name == "sft":
-            return self.sft_objective(batch)
-        if name == "dpo":
-            return self.dpo_objective(batch)
-        raise ConfigError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+        """Objective ``name``'s loss on ``batch`` (with its graph), its counts and metrics."""
+        hook = _OBJECTIVE_HOOKS.get(name)
+        if hook is not None and (hook in self.__dict__ or getattr(type(self), hook) is not getattr(XRightModule, hook)):
+            return getattr(self, hook)(batch)  # the two-objective hook, overridden by a subclass or an attribute
+        return self._plugin(name, batch)
+
+    @property
+    def preference_loss(self) -> Any:
+        """The ``dpo`` objective's loss (a :class:`~xright_pl.losses.PreferenceLoss`), or None without one."""
+        dpo = self.objectives.get("dpo")
+        return getattr(dpo, "loss", None)
+
+    def _plugin(self, name: str, batch: Any) -> ObjectiveOutput:
+        objective = self.objectives.get(name)
+        if objective is None:
+            raise ConfigError(f"unknown objective {name!r}; this module has {', '.join(self.objectives)}")
+        return objective.compute(self, batch)
 
     # ------------------------------------------------------------------ training
     def _batch(self, batch: Mapping[str, Any], name: str) -> Any:
@@ -439,38 +414,6 @@ class XRightModule(pl.LightningModule):
             out.num_tokens = item.stream.peek().num_tokens()  # counted on the host copy: no device sync
             item.stream.consume(out.num_examples)
 
-    def _step_units_for(self, batch: Mapping[str, Any]) -> dict[str, tuple[list[int], Tensor | int]]:
-        """What each chosen objective's loss averages over in this optimizer step: per micro-batch on this
-        process, and in total over all micro-batches on all processes (scored SFT tokens, DPO pairs).
-
-        Counted on the host copies of the upcoming micro-batches (a look-ahead in the objective's stream), so a
-        single process never synchronises with the device; with several processes the totals are summed with
-        one small all-reduce. Objectives whose batches do not come from the data module's streams are absent.
-        """
-        accumulate = self.hparams.accumulate_grad_batches
-        names = [k for k in self._decision.weights if isinstance(batch.get(k), StreamTicket)]
-        per_micro = {k: [int(batch[k].stream.peek(i).loss_units()) for i in range(accumulate)] for k in names}
-        totals: dict[str, Tensor | int] = {k: max(sum(v), 1) for k, v in per_micro.items()}
-        if self.trainer.world_size > 1 and totals:
-            local = torch.tensor([float(sum(per_micro[k])) for k in names], dtype=torch.float64, device=self.device)
-            summed = self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1)
-            totals = {k: summed[i] for i, k in enumerate(names)}
-        return {k: (per_micro[k], totals[k]) for k in names}
-
-    def _loss_scale(self, name: str, weight: float, out: ObjectiveOutput) -> Any:
-        """The factor on this micro-batch's mean loss that makes the step's gradient the gradient of the
-        objective's mean over the whole step (all micro-batches, all processes), times its weight.
-
-        SFT is a token mean: micro-batches with more response tokens weigh more, so 1 micro-batch of 8 rows and
-        8 micro-batches of 1 row give the same update whatever the lengths. Data-parallel gradients are averaged
-        over the ``W`` processes, hence the factor ``W``. Without stream counts: the mean of micro-batch means.
-        """
-        if name not in self._step_units:
-            return weight / self.hparams.accumulate_grad_batches
-        per_micro, total = self._step_units[name]
-        out.units = per_micro[self._micro]
-        return out.units * weight * self.trainer.world_size / total
-
     def _reduce(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Average losses over processes, so that every process's selector sees the same values."""
         if self.trainer.world_size > 1 and losses:
@@ -480,97 +423,54 @@ class XRightModule(pl.LightningModule):
         return {k: v.float() for k, v in losses.items()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        with self._training_rng():
-            self._training_micro_step(batch)
+        """One micro-batch: at a step boundary the selector decides; the chosen objectives run and backpropagate;
+        the step's last micro-batch updates the weights."""
+        with self.training_rng.active(self.device):
+            step = self.global_step
+            self._device_batches = {}
+            if self.accumulator.at_boundary:
+                self._begin_step(step, batch)
+            self._train_micro_batch(batch)
+            if self.accumulator.end_micro_batch():
+                self._finish_step(step)
 
-    @contextmanager
-    def _training_rng(self):
-        """Run under the module's own RNG stream (dropout draws), saved in checkpoints.
-
-        Validation, data loaders and user code also draw from the global generator; keeping the training draws
-        in a stream of their own makes a resumed run draw exactly what an uninterrupted one draws.
-        """
-        cuda = self.device.type == "cuda"
-        outer = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
-        if self._rng_state is not None:
-            torch.set_rng_state(self._rng_state["cpu"])
-            if cuda and self._rng_state.get("cuda") is not None:
-                torch.cuda.set_rng_state(self._rng_state["cuda"], self.device)
-        try:
-            yield
-        finally:
-            self._rng_state = {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
-            }
-            torch.set_rng_state(outer[0])
-            if cuda:
-                torch.cuda.set_rng_state(outer[1], self.device)
-
-    def _training_micro_step(self, batch: Mapping[str, Any]) -> None:
-        accumulate = self.hparams.accumulate_grad_batches
-        step = self.global_step
-        self._device_batches = {}
-        if self._micro == 0:
-            self._begin_step(step, batch)
-        last_micro = self._micro == accumulate - 1
-        weights = self._decision.weights
+    def _train_micro_batch(self, batch: Mapping[str, Any]) -> None:
+        """Each chosen objective's loss on this micro-batch, scaled for accumulation and backpropagated."""
+        acc = self.accumulator
+        weights = acc.decision.weights
         for i, (name, weight) in enumerate(weights.items()):
-            out = self._pre.pop(name, None) or self.objective(name, self._batch(batch, name))
-            sync = last_micro and i == len(weights) - 1
-            scale = self._loss_scale(name, weight, out)
+            out = acc.take_evaluated(name) or self.objective(name, self._batch(batch, name))
+            sync = acc.last_micro and i == len(weights) - 1
+            scale = acc.loss_scale(name, weight, out)
             with nullcontext() if sync else self._no_grad_sync():
                 self.manual_backward(out.loss * scale)
             self._consume(batch, name, out)
-            out.loss = out.loss.detach()
-            self._step_outputs.setdefault(name, []).append(out)
-        self._pre.clear()  # an evaluated objective that was not chosen keeps its batch for its next step
-        self._micro += 1
-        if last_micro:
-            self._finish_step(step)
+            acc.record(name, out)
 
     def _no_grad_sync(self):
         """No gradient all-reduce for this backward (all but the last backward of an optimizer step)."""
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         return block() if block is not None else nullcontext()
 
-    def _evaluate(self, batch: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Tensor]:
-        """The current-batch losses of ``names`` for the selector (MAXRIGHT's evaluation steps).
-
-        Only one graph is kept: the objective trained at the previous step (the likely choice) is evaluated with
-        its graph, kept in ``self._pre`` for the backward if it is chosen; the others run without a graph, first,
-        so their activations are gone before the graph is built. Peak memory stays that of one objective.
-        """
-        if not names:
-            return {}
-        likely = next((k for k in names if k in self._last_weights), names[0])
-        values = {}
-        with torch.no_grad():
-            for name in names:
-                if name != likely:
-                    values[name] = self.objective(name, self._batch(batch, name)).loss
-        self._pre[likely] = self.objective(likely, self._batch(batch, likely))
-        values[likely] = self._pre[likely].loss.detach()
-        return values
-
     def _begin_step(self, step: int, batch: Mapping[str, Any]) -> None:
-        selector = self.selector
-        self._pre = {}
-        values = self._reduce(self._evaluate(batch, tuple(selector.needs(step))))
-        self._decision = selector.decide(step, values)
-        for name in [k for k in self._pre if k not in self._decision.weights]:
-            del self._pre[name]  # evaluated, not trained: free its graph before the chosen objective's backward
-        # A chosen objective that was evaluated without a graph runs its forward again (with one) below.
-        self.reevaluated_forwards += sum(1 for k in values if k in self._decision.weights and k not in self._pre)
-        self._last_weights = self._decision.weights
+        """The selector sees the losses it needs and decides; every process checks that it decided the same."""
+        selector, acc = self.selector, self.accumulator
+        values = acc.evaluate(tuple(selector.needs(step)), lambda name: self.objective(name, self._batch(batch, name)))
+        values = self._reduce(values)
+        decision = selector.decide(step, values)
+        # A chosen objective that was evaluated without a graph runs its forward again (with one).
+        self.reevaluated_forwards += acc.choose(decision, values)
         # Every process must train the same objective(s): checked before any backward pass (one tiny all-gather).
-        check_agreement(self.trainer.strategy, step, self._decision, type(selector).__name__)
-        if self._decision.reset_optimizer:
+        check_agreement(self.trainer.strategy, step, decision, type(selector).__name__, tuple(self.objectives))
+        if decision.reset_optimizer:
             self.reset_optimizer()
-        if self._decision.reset_reference:
+        if decision.reset_reference:
             self.reset_reference()
-        self._step_units = self._step_units_for(batch)
-        self._step_outputs = {}
+        world = self.trainer.world_size
+        acc.start(lookahead_units(batch, decision.weights, acc.accumulate), world, self._sum_over_processes)
+
+    def _sum_over_processes(self, values: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum")
 
     def _gradient_norm(self) -> Tensor | None:
         """The global L2 norm of the policy's gradient (all shards), or ``None`` with a gradient scaler (fp16),
@@ -584,11 +484,13 @@ class XRightModule(pl.LightningModule):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: reduced over the shards
 
     def _finish_step(self, step: int) -> None:
+        """Clip, step the optimizer and the LR scheduler, count, give the selector the trained losses, log; or skip
+        the update when a loss or the gradient is not finite."""
         opt = self.optimizers()
         grad_norm = self._gradient_norm()
         if not self._update_is_finite(step, grad_norm):
             opt.zero_grad(set_to_none=True)
-            self._micro, self._step_outputs = 0, {}
+            self.accumulator.skip()
             return
         clip = self.hparams.gradient_clip_val
         if clip is not None and grad_norm is not None:  # clip with the norm just computed: one pass, not two
@@ -602,24 +504,21 @@ class XRightModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self._micro = 0
         logs: dict[str, Tensor | float] = {}
         trained: dict[str, Tensor] = {}
-        for name, outs in self._step_outputs.items():
-            trained[name] = _step_mean([o.loss for o in outs], [o.units for o in outs])
+        for name, done in self.accumulator.finish().items():
+            trained[name] = done.loss
             self.steps[name] += 1
-            self.tokens[name] += int(sum(int(o.num_tokens) for o in outs))
-            logs[f"train/{name}_loss"] = trained[name]
-            for key in outs[0].metrics:
-                logs[key] = torch.stack([o.metrics[key] for o in outs]).mean()
-        self.selector.observe(step, self._decision, self._reduce(trained))
+            self.tokens[name] += done.tokens
+            logs[f"train/{name}_loss"] = done.loss
+            logs.update(done.metrics)
+        self.selector.observe(step, self.accumulator.decision, self._reduce(trained))
         logs["train/lr"] = lr
         if grad_norm is not None:
             logs["train/grad_norm"] = grad_norm.detach()  # before clipping
         logs["train/nonfinite_skips"] = float(self.nonfinite_skips)
-        for name in OBJECTIVES:
+        for name in self.objectives:
             logs[f"tokens/{name}"] = float(self.tokens[name])
-        self._step_outputs = {}
         max_steps = self.trainer.max_steps
         final = self.selector.final_step()
         if (max_steps is not None and max_steps > 0 and self.global_step >= max_steps) or (
@@ -642,105 +541,91 @@ class XRightModule(pl.LightningModule):
                 logger.log_metrics(values, step=self.global_step - 1)
 
     def _update_is_finite(self, step: int, grad_norm: Tensor | None) -> bool:
-        """True when this step's losses and gradient norm are finite; else count, log and skip it (False).
+        """True when this step's losses and gradient norm are finite; else the guard counts, logs and skips it.
 
         The values are averaged over processes first, so every process takes the same decision. With a gradient
         scaler (fp16) only the losses are checked: the scaler itself skips steps with inf/NaN gradients.
         """
-        check = {name: torch.stack([o.loss for o in outs]).mean() for name, outs in self._step_outputs.items()}
+        check = self.accumulator.loss_means()
         if grad_norm is not None:
             check["gradient"] = grad_norm.float()
-        values = self._reduce(check)
-        finite = torch.isfinite(torch.stack(list(values.values()))).tolist() if values else []
-        if all(finite):
-            self._nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_skips += 1
-        self._nonfinite_in_a_row += 1
-        bad = ", ".join(f"{k}={float(v):g}" for (k, v), ok in zip(values.items(), finite) if not ok)
-        limit = self.hparams.max_consecutive_nonfinite
-        log.warning(
-            "step %d (%s branch): non-finite %s; update skipped (%d in a row, %d in all; stop after %d in a row)",
-            step, self._decision.branch, bad, self._nonfinite_in_a_row, self.nonfinite_skips, limit,
-        )  # fmt: skip
-        if self._nonfinite_in_a_row >= limit:
-            raise TrainingError(
-                f"Training stopped at optimizer step {step}: {limit} consecutive steps had a non-finite loss or"
-                f" gradient (last: {self._decision.branch} branch, {bad}); each was skipped without an update, and"
-                " no checkpoint holds non-finite weights. Lower the learning rate or enable gradient clipping"
-                " (--model.gradient_clip_val), check the data for degenerate rows, use bf16 instead of fp16, or"
-                " allow more with --model.max_consecutive_nonfinite; then resume with --ckpt_path last."
-            )
-        return False
+        return self.nonfinite_guard.check(step, self.accumulator.decision.branch, self._reduce(check))
 
     def reset_optimizer(self) -> None:
         """Re-create the optimizer and LR scheduler (fresh state), e.g. at Sequential's switch."""
         replace_optimizers(self.trainer)
 
     def reset_reference(self) -> None:
-        """Make the reference a frozen copy of the policy as it stands now.
-
-        With LoRA the adapters' update is folded into the base weights and the adapters restart from zero: the
-        policy is unchanged, and "adapters disabled" (the reference) is now the policy as it stands.
-        """
+        """Make the reference a frozen copy of the policy as it stands now (with LoRA: fold the adapters into the
+        base weights, see :func:`~xright_pl.reference.reset_to_policy`)."""
         if self.reference_released:
             raise ConfigError("the reference model was released (precompute_reference_logps=True); it cannot be reset")
-        if not self.preference_loss.needs_reference:
+        if not self.needs_reference:
             return  # reference-free loss (simpo): there is no reference to reset
-        if self.lora is not None:
-            if self.reference is not None:
-                raise ConfigError(
-                    "a stage-start reference with LoRA needs the adapter-free reference: leave --model.reference"
-                    " unset, or use Sequential(reference='initial')"
-                )
-            fold_adapters(self.policy)
-            self.reference_is_initial = False
-            return
-        self.reference.load_state_dict(self.policy.state_dict())
-        setup_reference_model(self.reference)
+        if reset_to_policy(self.policy, self.reference, self.lora is not None):
+            self._reference_reset = True
         self.reference_is_initial = False
-        self._reference_reset = True
 
     # ------------------------------------------------------------------ validation
     def on_validation_model_zero_grad(self) -> None:
         """Lightning frees the gradients before validating; not in the middle of gradient accumulation, where they
         are the half-accumulated gradients of the current optimizer step (``val_check_interval`` counts
         micro-batches)."""
-        if self._micro == 0:
+        if self.accumulator.at_boundary:
             super().on_validation_model_zero_grad()
 
+    def validation_objective(self, batch: Any, dataloader_idx: int = 0) -> Objective:
+        """The objective a validation batch belongs to: by loader when the data module names its validation
+        loaders (``val_names``), else the first objective that accepts the batch's type."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "val_names", None)
+        if names and dataloader_idx < len(names) and names[dataloader_idx] in self.objectives:
+            return self.objectives[names[dataloader_idx]]
+        for objective in self.objectives.values():
+            if objective.accepts(batch):
+                return objective
+        raise ConfigError(f"no objective of this module ({', '.join(self.objectives)}) takes a {type(batch).__name__}")
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if isinstance(batch, SFTBatch):
-            logits = self.forward_logits(batch.input_ids, batch.attention_mask)
-            loss, n_tokens = sft_loss(logits, batch.labels)
-            self.val_sft_loss.update(loss, n_tokens.to(loss.dtype))
-            self.log("val/sft_loss", self.val_sft_loss, on_epoch=True, add_dataloader_idx=False, prog_bar=True)
-        else:
-            out = self.dpo_objective(batch)
-            self.val_dpo_loss.update(out.loss, out.num_examples)
-            self.val_dpo_accuracy.update(out.metrics["rewards/accuracies"], out.num_examples)
-            self.log("val/dpo_loss", self.val_dpo_loss, on_epoch=True, add_dataloader_idx=False, prog_bar=True)
-            self.log("val/rewards_accuracies", self.val_dpo_accuracy, on_epoch=True, add_dataloader_idx=False)
+        objective = self.validation_objective(batch, dataloader_idx)
+        for key, (value, weight) in objective.validation_values(self, batch).items():
+            metric = self.val_metrics[_metric_key(key)]
+            metric.update(value, weight)
+            self.log(key, metric, on_epoch=True, add_dataloader_idx=False, prog_bar=key.endswith("_loss"))
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise TrainingError(
-                f"Refusing to write a checkpoint at step {self.global_step}: {len(bad)} policy tensors hold NaN or"
-                f" inf (first: {bad[0]}). The previous checkpoint is kept; resume from it with a lower learning rate."
+    def _check_resumed_objectives(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint trained on other objectives; warn when the target's weights changed."""
+        saved = list(state.get("objectives") or state.get("steps") or {})
+        if saved and set(saved) != set(self.objectives):
+            raise ConfigError(
+                f"The checkpoint was trained on the objectives {', '.join(saved)}; this run has"
+                f" {', '.join(self.objectives)}. Resume with the checkpoint's data sets (data.datasets / data.sft and"
+                " data.preference), or start a new run in another --trainer.default_root_dir."
             )
+        weights = state.get("weights")
+        if isinstance(weights, dict) and self._trainer is not None and not _same(weights, self.target()):
+            log.warning(
+                "resuming with the target weights %r; the checkpoint was trained with %r. The run continues with the"
+                " new weights, so it is no longer the run the checkpoint started.",
+                self.target(), weights,
+            )  # fmt: skip
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_weights(self.policy, self.global_step)
         checkpoint["xright_pl"] = {
             "steps": dict(self.steps),
             "tokens": dict(self.tokens),
             "reference_is_initial": self.reference_is_initial,
             "reference_reset": self._reference_reset,
-            "rng": self._rng_state,
-            "nonfinite_skips": self.nonfinite_skips,
-            "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "rng": self.training_rng.state,
+            "nonfinite_skips": self.nonfinite_guard.skips,
+            "nonfinite_in_a_row": self.nonfinite_guard.in_a_row,
             "reevaluated_forwards": self.reevaluated_forwards,
-            "last_weights": dict(self._last_weights),
+            "last_weights": dict(self.accumulator.last_weights),
             "run": run_folders(self._trainer),
+            "objectives": {name: o.kind for name, o in self.objectives.items()},
+            "weights": self.target(),
         }
         if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
             # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
@@ -758,18 +643,28 @@ class XRightModule(pl.LightningModule):
                 key, self.hparams[key], saved[key],
             )  # fmt: skip
         state = checkpoint.get("xright_pl", {})
+        self._check_resumed_objectives(state)
         self.steps = dict(state.get("steps", self.steps))
         self.tokens = dict(state.get("tokens", self.tokens))
         self.reference_is_initial = state.get("reference_is_initial", self.reference_is_initial)
         self._reference_reset = state.get("reference_reset", self._reference_reset)
-        self._rng_state = state.get("rng", self._rng_state)
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.training_rng.state = state.get("rng", self.training_rng.state)
+        self.nonfinite_guard.skips = state.get("nonfinite_skips", 0)
+        self.nonfinite_guard.in_a_row = state.get("nonfinite_in_a_row", 0)
         self.reevaluated_forwards = state.get("reevaluated_forwards", 0)
-        self._last_weights = dict(state.get("last_weights", {}))
+        self.accumulator.last_weights = dict(state.get("last_weights", {}))
         sd = checkpoint["state_dict"]
         if self.reference is not None and not any(k.startswith("reference.") for k in sd):
             sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+#: The two-objective hooks a subclass may override (``objective(name)`` calls them when it does).
+_OBJECTIVE_HOOKS = {"sft": "sft_objective", "dpo": "dpo_objective"}
+
+
+def _metric_key(name: str) -> str:
+    """A metric name as a ``ModuleDict`` key (no dots or slashes)."""
+    return name.replace("/", "__").replace(".", "_")
 
 
 def _preference_loss_problems(

@@ -14,6 +14,13 @@ the response tokens of the whole validation set (SFT), mean sigmoid DPO loss ove
 
 that ``Maxright(optimum_file=...)`` and ``TradeoffMetrics(optimum_file=...)`` read, so nobody copies numbers
 by hand.
+
+With more than two objectives (a config with ``data.datasets``) ``f_k*`` is the final ``val/{k}_loss`` of a
+``Single(objective=k)`` run, one per data set, and the file holds them by name (:class:`OptimumK`)::
+
+    {"f_star": {"terse": 0.52, "polite": 0.08, "prefs": 0.19}, "beta": 0.1, "sources": {...}}
+
+``beta`` is the DPO ``beta`` of the runs when a preference data set was measured, else null.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +68,52 @@ class Optimum:
 
     def check_beta(self, beta: float) -> None:
         """Raise :class:`ConfigError` if ``f_dpo`` was measured with another DPO ``beta`` than ``beta``."""
-        if self.beta is not None and not math.isclose(self.beta, float(beta), rel_tol=1e-6):
-            raise ConfigError(
-                f"the optimum in {self.source} was measured with DPO beta={self.beta}, but this run uses"
-                f" beta={beta}: the DPO loss depends on beta, so f_dpo* does not apply. Re-measure it with"
-                f" `python -m xright_pl optimum` at beta={beta}, or set --model.beta {self.beta}."
-            )
+        _check_beta(self.beta, beta, self.source, "python -m xright_pl optimum")
 
 
-def load_optimum(path: str | os.PathLike) -> Optimum:
-    """Read an optimum file written by :func:`write_optimum` (JSON with ``f_sft_star`` and ``f_dpo_star``).
+@dataclass(frozen=True)
+class OptimumK:
+    """The optima of named objectives (the data sets of a ``data.datasets`` run), in the training normalisation.
+
+    Attributes:
+        f_star: ``{name: f_k*}``, the lowest reachable validation loss of each data set's objective.
+        beta: the DPO ``beta`` the preference data sets were measured with (None: unknown, or none measured).
+        source: where the values came from (a file path, ``"summaries"``, ...).
+        sources: details of the runs that measured them, by name.
+    """
+
+    f_star: dict[str, float]
+    beta: float | None = None
+    source: str = "arguments"
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The file format (see :func:`write_optimum`)."""
+        return {"f_star": dict(self.f_star), "beta": self.beta, "sources": self.sources}
+
+    def check_beta(self, beta: float) -> None:
+        """Raise :class:`ConfigError` if the preference optima were measured with another DPO ``beta``."""
+        _check_beta(self.beta, beta, self.source, "python -m xright_pl optimum --datasets_config ...")
+
+
+def _check_beta(measured: float | None, beta: float, source: str, command: str) -> None:
+    """Raise :class:`ConfigError` if the optima of ``source``, measured at DPO beta ``measured`` (None: unknown), are
+    used at ``beta``."""
+    if measured is not None and not math.isclose(measured, float(beta), rel_tol=1e-6):
+        raise ConfigError(
+            f"the optima in {source} were measured with DPO beta={measured}, but this run uses beta={beta}: the DPO"
+            f" loss depends on beta, so its f* does not apply. Re-measure them with `{command}` at beta={beta}, or"
+            f" set --model.beta {measured}."
+        )
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def load_optimum(path: str | os.PathLike) -> Optimum | OptimumK:
+    """Read an optimum file written by :func:`write_optimum`: the pair's (JSON with ``f_sft_star`` and
+    ``f_dpo_star``: an :class:`Optimum`) or named objectives' (``f_star: {name: value}``: an :class:`OptimumK`).
 
     ``builtin:demo/optimum.json`` is the embedded task's (see :mod:`xright_pl.assets`)."""
     p = Path(resolve(str(path)))
@@ -84,6 +128,8 @@ def load_optimum(path: str | os.PathLike) -> Optimum:
         raise ConfigError(f"optimum file {str(p)!r} is not valid JSON ({e}); regenerate it.") from None
     problems = []
     values = {}
+    if isinstance(data, dict) and "f_star" in data:
+        return _load_k(p, data)
     for key in ("f_sft_star", "f_dpo_star"):
         v = data.get(key) if isinstance(data, dict) else None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -104,7 +150,30 @@ def load_optimum(path: str | os.PathLike) -> Optimum:
     )
 
 
-def write_optimum(optimum: Optimum, path: str | os.PathLike) -> Path:
+def _load_k(p: Path, data: dict[str, Any]) -> OptimumK:
+    """The :class:`OptimumK` of a parsed file ``p`` with ``f_star`` (every problem reported at once)."""
+    problems = []
+    stars = data["f_star"]
+    if not isinstance(stars, dict) or not stars:
+        problems.append(f"field 'f_star' must be a non-empty mapping {{name: value}}, got {stars!r}")
+        stars = {}
+    for name, v in stars.items():
+        if not _finite(v):
+            problems.append(f"f_star[{name!r}] must be a finite number, got {v!r}")
+    beta = data.get("beta")
+    if beta is not None and (not _finite(beta) or beta <= 0):
+        problems.append(f"field 'beta' must be a number > 0 or null, got {beta!r}")
+    if problems:
+        raise ConfigError(f"optimum file {str(p)!r}: " + "; ".join(problems) + ". Regenerate it.")
+    return OptimumK(
+        {str(k): float(v) for k, v in stars.items()},
+        None if beta is None else float(beta),
+        source=str(p),
+        sources=data.get("sources") or {},
+    )
+
+
+def write_optimum(optimum: Optimum | OptimumK, path: str | os.PathLike) -> Path:
     """Write ``optimum`` as JSON to ``path`` (atomically; folders created). Returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +184,11 @@ def write_optimum(optimum: Optimum, path: str | os.PathLike) -> Path:
 
 
 def read_summary(path: str | os.PathLike, objective: str) -> tuple[float, dict[str, Any]]:
-    """The optimum of ``objective`` from the ``summary.json`` of a single-objective run, and its provenance."""
+    """The optimum of ``objective`` from the ``summary.json`` of a single-objective run, and its provenance.
+
+    ``objective`` is ``sft``, ``dpo`` or a data set's name: the run's selector must be ``{objective}_only``
+    (``Single(objective=...)``) and its optimum is its final ``val/{objective}_loss``."""
+    single, metric = SINGLE.get(objective, f"{objective}_only"), METRIC.get(objective, f"val/{objective}_loss")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"summary file {str(p)!r} not found: give the summary.json of a finished run.")
@@ -123,21 +196,21 @@ def read_summary(path: str | os.PathLike, objective: str) -> tuple[float, dict[s
         summary = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"summary file {str(p)!r} is not valid JSON ({e}).") from None
-    if summary.get("selector") != SINGLE[objective]:
+    if summary.get("selector") != single:
         raise ConfigError(
             f"{str(p)!r} is the summary of a {summary.get('selector')!r} run, but f_{objective}* must come from"
-            f" a {SINGLE[objective]!r} run (selector xright_pl.Single with objective: {objective})."
+            f" a {single!r} run (selector xright_pl.Single with objective: {objective})."
         )
-    value = summary.get(METRIC[objective])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    value = summary.get(metric)
+    if not _finite(value):
         raise ConfigError(
-            f"{str(p)!r} has no finite {METRIC[objective]!r} (got {value!r}): the run must validate at its last"
+            f"{str(p)!r} has no finite {metric!r} (got {value!r}): the run must validate at its last"
             " step (it does unless --trainer.limit_val_batches is 0)."
         )
     provenance = {
         "summary": str(p),
         "beta": run_beta(p.parent),
-        "metric": METRIC[objective],
+        "metric": metric,
         "optimizer_steps": summary.get("optimizer_steps"),
         "weights_sha256": summary.get("weights_sha256"),
     }
@@ -170,3 +243,35 @@ def optimum_from_summaries(
     if beta is None:
         beta = src_dpo["beta"]
     return Optimum(f_sft, f_dpo, beta, source="summaries", sources={"sft": src_sft, "dpo": src_dpo})
+
+
+def optimum_k_from_summaries(summaries: Mapping[str, str | os.PathLike], beta: float | None = None) -> OptimumK:
+    """An :class:`OptimumK` from the ``summary.json`` of a ``Single(objective=name)`` run per name.
+
+    The runs must have made the same number of optimizer steps. ``beta`` (None: from the runs' saved configs) is
+    recorded only when a preference data set was measured: a run of one logs ``val/{name}_rewards_accuracies``.
+    """
+    if not summaries:
+        raise ConfigError("no data sets to measure: give one Single run's summary.json per data set.")
+    stars: dict[str, float] = {}
+    sources: dict[str, Any] = {}
+    for name, path in summaries.items():
+        stars[name], sources[name] = read_summary(path, name)
+        summary = json.loads(Path(path).read_text())
+        sources[name]["preference"] = f"val/{name}_rewards_accuracies" in summary
+    steps = {name: src["optimizer_steps"] for name, src in sources.items() if src["optimizer_steps"] is not None}
+    if len(set(steps.values())) > 1:
+        made = ", ".join(f"{name} {n}" for name, n in steps.items())
+        raise ConfigError(
+            f"the single-objective runs made different numbers of optimizer steps ({made}): measure every"
+            " optimum with the same budget (the same --trainer.max_steps)."
+        )
+    preference = [name for name, src in sources.items() if src["preference"]]
+    if not preference:
+        beta = None
+    elif beta is None:
+        betas = {sources[name]["beta"] for name in preference} - {None}
+        if len(betas) > 1:
+            raise ConfigError(f"the preference data sets' runs used different DPO betas {sorted(betas)}.")
+        beta = betas.pop() if betas else None
+    return OptimumK(stars, beta, source="summaries", sources=sources)

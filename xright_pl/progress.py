@@ -118,7 +118,8 @@ class StepProgress(ProgressBar):
         if steps:
             parts.append(" ".join(f"{k} {v}" for k, v in steps.items()))
         metrics = trainer.callback_metrics
-        losses = [f"{k} {_fmt(metrics[k])}" for k in TRAIN_KEYS if k in metrics]
+        keys = [f"train/{name}_loss" for name in steps] if steps else TRAIN_KEYS  # one per objective
+        losses = [f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics]
         if losses:
             parts.append(" ".join(losses))
         elapsed = time.perf_counter() - self._t0

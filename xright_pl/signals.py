@@ -187,7 +187,8 @@ def _checkpoint_callback(trainer: pl.Trainer | None):
 
     if trainer is None:
         return None
-    return next((c for c in trainer.callbacks if isinstance(c, XRightCheckpoint)), None)
+    # Lightning's public list of checkpoint callbacks (XRightCheckpoint even behind a plain ModelCheckpoint)
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, XRightCheckpoint)), None)
 
 
 def _last_path(trainer: pl.Trainer) -> str:

@@ -22,10 +22,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from xright_pl.losses import sft_loss
 from xright_pl.metrics import optimum_of
 from xright_pl.optimum import Optimum
-from xright_pl.types import SFTBatch
+from xright_pl.selectors import selector_of
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +57,31 @@ def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
     dm = trainer.datamodule
     loaders = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    means = {"sft": MeanMetric().to(pl_module.device), "dpo": MeanMetric().to(pl_module.device)}
+    means: dict[str, MeanMetric] = {}
     was_training = pl_module.training
     pl_module.eval()
     try:
-        for loader in loaders:
+        for idx, loader in enumerate(loaders):
             for batch in _limited(loader, trainer.limit_val_batches):
                 batch = trainer.strategy.batch_to_device(batch)
-                if isinstance(batch, SFTBatch):
-                    loss, n_tokens = sft_loss(
-                        pl_module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels
-                    )
-                    means["sft"].update(loss, n_tokens.to(loss.dtype))
-                else:
-                    out = pl_module.dpo_objective(batch)
-                    means["dpo"].update(out.loss, out.num_examples)
+                objective = pl_module.validation_objective(batch, idx)
+                value, weight = objective.validation_values(pl_module, batch)[f"val/{objective.name}_loss"]
+                if objective.name not in means:
+                    means[objective.name] = MeanMetric().to(pl_module.device)
+                means[objective.name].update(value, weight)
     finally:
         pl_module.train(was_training)
     return {k: float(m.compute()) for k, m in means.items() if m.update_count > 0}
 
 
-def plot_trajectory(points: list[tuple[int, float, float]], optimum: Optimum | None = None, title: str = "") -> Any:
-    """A matplotlib ``Figure`` of the path ``points`` (``(step, f_sft, f_dpo)``) with its start, its end and
-    the ideal point ``(f_sft*, f_dpo*)`` when given. Needs matplotlib."""
+def plot_trajectory(
+    points: list[tuple[int, float, float]],
+    optimum: Optimum | None = None,
+    title: str = "",
+    axes: tuple[str, str] = ("sft", "dpo"),
+) -> Any:
+    """A matplotlib ``Figure`` of the path ``points`` (``(step, f_x, f_y)``, by default ``f_sft, f_dpo``) with its
+    start, its end and the ideal point ``(f_sft*, f_dpo*)`` when given. Needs matplotlib."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0, 4.2), dpi=110)
@@ -96,15 +97,15 @@ def plot_trajectory(points: list[tuple[int, float, float]], optimum: Optimum | N
     if points and (optimum is not None or len(points) > 1):
         # Log axes keep the start (often 10x the end) and the ideal point readable in one picture.
         all_vals = xs + ys + ([optimum.f_sft, optimum.f_dpo] if optimum is not None else [])
-        if min(all_vals) > 0:
+        if min(all_vals) > 0 and max(all_vals) / min(all_vals) > 10:  # within a decade a log axis has no labels
             from matplotlib.ticker import NullFormatter
 
             ax.set_xscale("log")
             ax.set_yscale("log")
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on short decades
-    ax.set_xlabel("f_sft (val/sft_loss)")
-    ax.set_ylabel("f_dpo (val/dpo_loss)")
+    ax.set_xlabel(f"f_{axes[0]} (val/{axes[0]}_loss)")
+    ax.set_ylabel(f"f_{axes[1]} (val/{axes[1]}_loss)")
     ax.set_title(title or "trade-off trajectory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -122,6 +123,8 @@ class TrajectoryPlot(Callback):
             the first validation.
         filename: PNG written next to ``summary.json`` (in the run's log directory) at the end of training.
         log_figure: log the figure to TensorBoard (``tradeoff/trajectory``) after every validation.
+        axes: the two objectives on the x and y axes (with ``data.datasets``, two data set names, e.g.
+            ``[terse, prefs]``); the ideal point is drawn for the default ``[sft, dpo]`` only.
     """
 
     def __init__(
@@ -130,7 +133,11 @@ class TrajectoryPlot(Callback):
         evaluate_start: bool = True,
         filename: str = "trajectory.png",
         log_figure: bool = True,
+        axes: tuple[str, str] = ("sft", "dpo"),
     ) -> None:
+        if len(axes) != 2 or axes[0] == axes[1]:
+            raise ValueError(f"TrajectoryPlot axes must be two different objective names, got {axes!r}")
+        self.axes = (str(axes[0]), str(axes[1]))
         self.enabled = enabled
         self.evaluate_start = evaluate_start
         self.filename = filename
@@ -157,11 +164,14 @@ class TrajectoryPlot(Callback):
             self._noted = True
         return False
 
-    def _title(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        from xright_pl.selectors import Selector
+    def _optimum(self, trainer: pl.Trainer) -> Optimum | None:
+        return optimum_of(trainer) if self.axes == ("sft", "dpo") else None
 
-        sel = next((c for c in trainer.callbacks if isinstance(c, Selector)), None)
-        return f"{sel.describe() if sel else 'run'}, lam={getattr(pl_module, 'lam', '?')}"
+    def _title(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        sel = selector_of(pl_module)
+        target = pl_module.target() if hasattr(pl_module, "target") else getattr(pl_module, "lam", "?")
+        weights = ", ".join(f"{k}={v:g}" for k, v in target.items()) if isinstance(target, dict) else f"lam={target}"
+        return f"{sel.describe() if sel else 'run'}, {weights}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.enabled and self.evaluate_start) or trainer.global_step != 0 or self.points:
@@ -169,16 +179,18 @@ class TrajectoryPlot(Callback):
         if trainer.limit_val_batches == 0:
             return
         losses = evaluate_losses(trainer, pl_module)
-        if "sft" in losses and "dpo" in losses:
-            self.points.append((0, losses["sft"], losses["dpo"]))
+        x, y = self.axes
+        if x in losses and y in losses:
+            self.points.append((0, losses[x], losses[y]))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
         m = trainer.callback_metrics
-        if "val/sft_loss" not in m or "val/dpo_loss" not in m:
+        x, y = (f"val/{name}_loss" for name in self.axes)
+        if x not in m or y not in m:
             return
-        point = (int(trainer.global_step), float(m["val/sft_loss"]), float(m["val/dpo_loss"]))
+        point = (int(trainer.global_step), float(m[x]), float(m[y]))
         if self.points and self.points[-1][0] == point[0]:
             self.points[-1] = point
         else:
@@ -187,7 +199,7 @@ class TrajectoryPlot(Callback):
             return
         experiments = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
         if experiments and self._can_draw():
-            fig = plot_trajectory(self.points, optimum_of(trainer), self._title(trainer, pl_module))
+            fig = plot_trajectory(self.points, self._optimum(trainer), self._title(trainer, pl_module), self.axes)
             for ex in experiments:
                 ex.add_figure("tradeoff/trajectory", fig, global_step=trainer.global_step, close=False)
 
@@ -197,9 +209,14 @@ class TrajectoryPlot(Callback):
         run_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, self.filename)
-        plot_trajectory(self.points, optimum_of(trainer), self._title(trainer, pl_module)).savefig(path)
+        fig = plot_trajectory(self.points, self._optimum(trainer), self._title(trainer, pl_module), self.axes)
+        fig.savefig(path)
         self.png_path = path
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """Fields for ``summary.json``: the PNG's path (None when none was drawn)."""
-        return {"trajectory_png": self.png_path} if self.enabled else {}
+        """Fields for ``summary.json``: the PNG's path (None when none was drawn) and the recorded points
+        ``[step, f_sft, f_dpo]`` (the start point first when ``evaluate_start``), so the path can be read without
+        the picture."""
+        if not self.enabled:
+            return {}
+        return {"trajectory_png": self.png_path, "trajectory": [list(p) for p in self.points]}

@@ -9,6 +9,7 @@ per objective.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -19,7 +20,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from xright_pl.data.collate import collate_preference, collate_sft
-from xright_pl.data.sources import PreferenceData, SFTData, load_preference, load_sft, load_tokenizer
+from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
+from xright_pl.data.specs import PreferenceData, SFTData
 from xright_pl.data.streams import (
     BatchStream,
     TicketIterable,
@@ -27,6 +29,7 @@ from xright_pl.data.streams import (
     row_lengths,
     short_data_message,
 )
+from xright_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,63 @@ class Batching:
     """Batches per length-sorted mega-batch when ``group_by_length`` is on."""
 
 
+@dataclass
+class DataSet:
+    """One named data set of a run with any number of objectives: its data, its objective and its weight.
+
+    Give exactly one of ``sft`` (an SFT objective: token-mean NLL of the responses) and ``preference`` (a
+    preference objective with the module's ``loss_type`` and ``beta``).
+    """
+
+    name: str
+    """The objective's name: its metrics are ``train/{name}_loss``, ``val/{name}_loss``, ``steps/{name}``."""
+    weight: float
+    """``lambda_k`` in the target ``sum_k lambda_k f_k`` (the weights of all data sets sum to 1)."""
+    sft: SFTData | None = None
+    """SFT rows (as ``data.sft``)."""
+    preference: PreferenceData | None = None
+    """Preference pairs (as ``data.preference``)."""
+    batch_size: int | None = None
+    """Rows (SFT) or pairs (preference) per micro-batch; None: ``batching.sft_batch_size`` / ``dpo_batch_size``."""
+    objective: str | None = None
+    """The objective's registered kind (``xright_pl.objectives.OBJECTIVE_KINDS``) when it is not the default for
+    its data (``sft`` for ``sft:`` rows, ``preference`` for ``preference:`` pairs), e.g. your own plugin."""
+
+    @property
+    def data_kind(self) -> str:
+        """``sft`` or ``preference``: which rows the data set holds (and how its batches are collated)."""
+        return "sft" if self.sft is not None else "preference"
+
+    @property
+    def kind(self) -> str:
+        """The objective's kind: ``objective``, else the data's default (``sft`` or ``preference``)."""
+        return self.objective or self.data_kind
+
+
+def check_datasets(datasets: Sequence[DataSet]) -> None:
+    """Raise a :class:`~xright_pl.errors.ConfigError` listing every problem of a ``datasets`` list."""
+    problems = []
+    names = [d.name for d in datasets]
+    if len(datasets) < 2:
+        problems.append(f"give at least 2 data sets (got {len(datasets)}); one objective needs no trade-off")
+    for d in datasets:
+        if not isinstance(d.name, str) or not d.name.isidentifier():
+            problems.append(f"name {d.name!r}: use letters, digits and _ (it names metrics and config keys)")
+        if (d.sft is None) == (d.preference is None):
+            problems.append(f"{d.name}: give exactly one of sft and preference")
+        if d.batch_size is not None and (not isinstance(d.batch_size, int) or d.batch_size < 1):
+            problems.append(f"{d.name}: batch_size must be an integer >= 1, got {d.batch_size!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"names used twice: {', '.join(map(str, dupes))}")
+    weights = [d.weight for d in datasets]
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
+    if not numbers or any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        problems.append(f"weights must be numbers >= 0 summing to 1, got {weights}")
+    if problems:
+        raise ConfigError("Invalid data.datasets:\n  - " + "\n  - ".join(problems))
+
+
 DEMO_SFT = SFTData(path="builtin:demo/sft_train.jsonl", eval_path="builtin:demo/sft_eval.jsonl")
 DEMO_PREFERENCE = PreferenceData(path="builtin:demo/pref_train.jsonl", eval_path="builtin:demo/pref_eval.jsonl")
 DEFAULT_BATCHING = Batching()
@@ -92,6 +152,9 @@ class JointDataModule(pl.LightningDataModule):
         seed: seed of the data order and of held-out splits.
         chat_template: Jinja chat template to use instead of the tokenizer's own (for conversational rows).
         trust_remote_code: allow a hub tokenizer's custom code (off unless you trust the source).
+        datasets: any number of named data sets, each with its objective and weight, instead of ``sft`` and
+            ``preference`` (which are then not read): the target is ``sum_k lambda_k f_k``, and the module
+            takes its objectives and weights from here (``--model.lam`` is not used).
     """
 
     def __init__(
@@ -103,8 +166,12 @@ class JointDataModule(pl.LightningDataModule):
         seed: int = 0,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
+        datasets: list[DataSet] | None = None,
     ) -> None:
         super().__init__()
+        if datasets is not None:
+            check_datasets(datasets)
+        self.datasets = [replace(d) for d in datasets] if datasets is not None else None
         self.tokenizer_name = tokenizer
         self.sft = replace(sft)
         self.preference = replace(preference)
@@ -128,6 +195,18 @@ class JointDataModule(pl.LightningDataModule):
         self.tokenizer = load_tokenizer(
             self.tokenizer_name, chat_template=self.chat_template, trust_remote_code=self.trust_remote_code
         )
+        if self.datasets is not None:
+            for d in self.datasets:
+                loaded = (
+                    load_sft(d.sft, self.tokenizer, seed=self.seed)
+                    if d.data_kind == "sft"
+                    else load_preference(d.preference, self.tokenizer, seed=self.seed)
+                )
+                self.train_sets[d.name] = loaded.train
+                if loaded.val is not None:
+                    self.val_sets[d.name] = loaded.val
+                self.skipped[d.name] = dict(loaded.skipped)
+            return
         sft = load_sft(self.sft, self.tokenizer, seed=self.seed)
         pref = load_preference(self.preference, self.tokenizer, seed=self.seed)
         self.train_sets = {"sft": sft.train, "dpo": pref.train}
@@ -144,12 +223,33 @@ class JointDataModule(pl.LightningDataModule):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def objective_kinds(self) -> dict[str, str]:
+        """``{name: "sft" | "preference"}`` of every objective, in order (the pair: ``sft``, ``dpo``)."""
+        if self.datasets is None:
+            return {"sft": "sft", "dpo": "preference"}
+        return {d.name: d.kind for d in self.datasets}
+
+    @property
+    def objective_weights(self) -> dict[str, float] | None:
+        """``{name: lambda_k}`` with ``datasets``; None for the pair (whose weight is the module's ``lam``)."""
+        return None if self.datasets is None else {d.name: float(d.weight) for d in self.datasets}
+
+    def data_kind(self, name: str) -> str:
+        """``sft`` or ``preference``: the rows of objective ``name`` (the pair: ``sft`` and ``dpo``)."""
+        if self.datasets is None:
+            return "sft" if name == "sft" else "preference"
+        return next(d.data_kind for d in self.datasets if d.name == name)
+
     def collate(self, name: str):
-        fn = collate_sft if name == "sft" else collate_preference
+        fn = collate_sft if self.data_kind(name) == "sft" else collate_preference
         return partial(fn, pad_id=self.pad_id, pad_to_multiple_of=self.batching.pad_to_multiple_of)
 
     def batch_size(self, name: str) -> int:
-        return self.batching.sft_batch_size if name == "sft" else self.batching.dpo_batch_size
+        own = next((d.batch_size for d in self.datasets or [] if d.name == name), None)
+        if own is not None:
+            return own
+        return self.batching.sft_batch_size if self.data_kind(name) == "sft" else self.batching.dpo_batch_size
 
     # ---------------------------------------------------------------------------------------------
     def train_dataloader(self) -> CombinedLoader:
@@ -189,6 +289,12 @@ class JointDataModule(pl.LightningDataModule):
             self._warned_short.add(name)
             log.warning(msg)
 
+    @property
+    def val_names(self) -> list[str]:
+        """The objective of each validation loader, in :meth:`val_dataloader`'s order."""
+        self.load()
+        return list(self.val_sets)
+
     def val_dataloader(self) -> list[DataLoader]:
         self.load()
         return [
@@ -204,7 +310,7 @@ class JointDataModule(pl.LightningDataModule):
 
     def _length_order(self, name: str, dataset: Any, world_size: int):
         """The stream's ``order_fn`` for length-grouped batches (lengths read once, here)."""
-        lengths = row_lengths(dataset, LENGTH_COLUMNS[name])
+        lengths = row_lengths(dataset, LENGTH_COLUMNS["sft" if self.data_kind(name) == "sft" else "dpo"])
         global_batch = self.batch_size(name) * world_size
         group, shuffle = self.batching.length_group_batches, self.batching.shuffle
         return lambda epoch, g: length_grouped_order(lengths, global_batch, group, g, shuffle)

@@ -165,7 +165,10 @@ def test_long_user_message_cut_from_its_start(variant, tiny_tokenizer, smol_like
     head, user = prompt.split("<|im_start|>user\n")
     assert head == f"<|im_start|>system\n{'Be brief.' if system else DEFAULT_SYSTEM}<|im_end|>\n"
     content = user.removesuffix("<|im_end|>\n<|im_start|>assistant\n")
-    assert len(content) > 20 and long_text.endswith(content)  # the user's text lost its start only
+    assert content and long_text.endswith(content)  # the user's text lost its start only
+    # ... and only as much of it as the budget needs (the BPE's merges, which depend on whether the shared data
+    # beside the checkout trained it, decide how many characters that is: 20 to 108 here)
+    assert len(ex["chosen_input_ids"]) - len(labels) >= 90
     assert tok.decode(labels) == "Yes.<|im_end|>"
 
 

@@ -183,10 +183,10 @@ class PreferenceObjective(Objective):
         return "val/rewards_accuracies" if self.name == "dpo" else f"val/{self.name}_rewards_accuracies"
 
     def validation_values(self, module: Any, batch: PreferenceBatch) -> dict[str, tuple[Tensor, Tensor | int]]:
-        # Through the module when it has one: a subclass overriding the two-objective ``dpo_objective`` hook
-        # validates on its own loss, as it trains on it.
-        run = getattr(module, "objective", None)
-        out = run(self.name, batch) if run is not None else self.compute(module, batch)
+        # The ``dpo`` objective validates through the module's ``dpo_objective`` hook, as before objectives were
+        # plugins: a subclass overriding it validates on its own loss, as it trains on it.
+        hook = getattr(module, "dpo_objective", None) if self.name == "dpo" else None
+        out = hook(batch) if hook is not None else self.compute(module, batch)
         accuracy = out.metrics[self._metric("rewards/accuracies")]
         return {
             f"val/{self.name}_loss": (out.loss, out.num_examples),

@@ -169,3 +169,16 @@ def test_driver_settings_and_conflict_report(monkeypatch, tmp_path):
     assert "| dpo_only | 4 | 1.8000 | 0.6000 | 0.700 |" in report
     assert "| Sequential (SFT→DPO), lam 0.5 | 2 | 1.5500 | 0.7600 | |" in report
     assert "| Sequential (SFT→DPO), lam 0.5 | 4 | 1.6000 | 0.7000 | 0.500 |" in report
+
+
+def test_driver_reuses_committed_summaries(monkeypatch, tmp_path):
+    """A fresh checkout has no runs folder: the committed summaries are copied in (never over an existing one)."""
+    drv = load_driver(monkeypatch)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    (out / "runs" / "seed0" / "sft_only").mkdir(parents=True)
+    (out / "runs" / "seed0" / "sft_only" / "summary.json").write_text('{"optimizer_steps": 100}')
+    (runs / "seed0" / "dpo_only").mkdir(parents=True)
+    assert drv.seed_runs(out, runs) == [runs / "seed0" / "sft_only" / "summary.json"]
+    (runs / "seed0" / "sft_only" / "summary.json").write_text('{"optimizer_steps": 7}')
+    assert drv.seed_runs(out, runs) == []  # an existing run is kept
+    assert json.loads((runs / "seed0" / "sft_only" / "summary.json").read_text())["optimizer_steps"] == 7

@@ -125,6 +125,19 @@ def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
     return "\n".join(lines)
 
 
+def seed_runs(out: Path, runs: Path) -> list[Path]:
+    """Copy the committed ``OUT/runs/**/summary.json`` into the runs folder where a run has none, so a fresh checkout
+    reuses the runs already made (and only makes the missing ones). Returns the summaries copied."""
+    copied = []
+    for committed in sorted((out / "runs").rglob("summary.json")):
+        target = runs / committed.relative_to(out / "runs")
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(committed.read_text())
+            copied.append(target)
+    return copied
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=REPO.parent / "smollm2", help="get_smollm2.py's folder")
@@ -150,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.generate:
         return generate(a, runs, model_dir, data_dir)
     a.out.mkdir(parents=True, exist_ok=True)
+    for path in seed_runs(a.out, runs):
+        print(f"reusing the committed {path.relative_to(runs)}", flush=True)
     commands: list[str] = []
 
     def one(job: tuple[str, int, float, Path | None]) -> None:

@@ -67,9 +67,7 @@ class StepLogWindow:
 
 def tradeoff_gaps(f_sft: float, f_dpo: float, f_sft_star: float, f_dpo_star: float) -> dict[str, float]:
     """``{"sft_gap", "dpo_gap", "ideal_distance"}`` of the point ``(f_sft, f_dpo)`` (pure function)."""
-    sft_gap = float(f_sft) - float(f_sft_star)
-    dpo_gap = float(f_dpo) - float(f_dpo_star)
-    return {"sft_gap": sft_gap, "dpo_gap": dpo_gap, "ideal_distance": math.hypot(sft_gap, dpo_gap)}
+    return tradeoff_gaps_k({"sft": f_sft, "dpo": f_dpo}, {"sft": f_sft_star, "dpo": f_dpo_star})
 
 
 class TradeoffGap(Metric):
@@ -130,7 +128,7 @@ def tradeoff_gaps_k(losses: dict[str, float], f_star: dict[str, float]) -> dict[
     """``{"{name}_gap": f_k - f_k*, ..., "ideal_distance": sqrt(sum of squared gaps)}`` over the objectives of
     ``losses`` (each must have an optimum in ``f_star``); for the pair the same numbers as :func:`tradeoff_gaps`."""
     gaps = {f"{k}_gap": float(v) - float(f_star[k]) for k, v in losses.items()}
-    return {**gaps, "ideal_distance": math.sqrt(sum(g * g for g in gaps.values()))}
+    return {**gaps, "ideal_distance": math.hypot(*gaps.values())}
 
 
 def optimum_of(trainer: pl.Trainer) -> Optimum | None:
@@ -253,6 +251,10 @@ class TradeoffMetrics(Callback):
         gaps = tradeoff_gaps_k(losses, self.f_star)
         self.last = {f"val/{k}": v for k, v in gaps.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last.items()})
+        self._log_last(trainer)
+
+    def _log_last(self, trainer: pl.Trainer) -> None:
+        """Write ``self.last`` to the loggers at the step index of Lightning's own validation logs."""
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(self.last, step=max(trainer.global_step - 1, 0))
@@ -282,9 +284,7 @@ class TradeoffMetrics(Callback):
                     name, float(metrics[f"val/{name}_loss"]), name, getattr(self.optimum, f"f_{name}"),
                     self.optimum.source,
                 )  # fmt: skip
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:  # the step index of Lightning's own validation logs
-                logger.log_metrics(self.last, step=max(trainer.global_step - 1, 0))
+        self._log_last(trainer)
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the optima used and where they came from."""

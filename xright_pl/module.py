@@ -27,7 +27,7 @@ from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
 from xright_pl.objectives import OBJECTIVE_KINDS, Objective, ObjectiveOutput
 from xright_pl.reference import cache_reference_logps, reference_logps, reset_to_policy
 from xright_pl.rng import RngStream
-from xright_pl.selectors import Selector, Single, StepContext, check_lam
+from xright_pl.selectors import Selector, Single, StepContext, check_lam, selector_of
 from xright_pl.steps import StepAccumulator, lookahead_units
 from xright_pl.types import PreferenceBatch, SFTBatch
 
@@ -212,7 +212,7 @@ class XRightModule(pl.LightningModule):
                     f"data set {name!r}: objective kind {objective.kind!r} trains on {objective.batch_type.__name__}"
                     f" batches, but its data is {dm.data_kind(name)} rows"
                 )
-        selector = self._selector or next((c for c in self.trainer.callbacks if isinstance(c, Single)), None)
+        selector = selector_of(self)
         if isinstance(selector, Single) and selector.objective not in self.objectives:
             raise ConfigError(
                 f"Single(objective={selector.objective!r}): the run has no such objective; it has"

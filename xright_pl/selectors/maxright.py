@@ -143,12 +143,15 @@ class Maxright(Selector):
             return {"sft": self.optimum.f_sft, "dpo": self.optimum.f_dpo}
         if self.given_star is not None:
             return dict(self.given_star)
-        names = self.objectives() if self._weights is not None else OBJECTIVES
-        return {k: (1.0 - self.online_margin) * self.val_min[k] if k in self.val_min else 0.0 for k in names}
+        return {k: (1.0 - self.online_margin) * self.val_min[k] if k in self.val_min else 0.0 for k in self._names()}
+
+    def _names(self) -> tuple[str, ...]:
+        """The run's objectives once bound, else the SFT/DPO pair."""
+        return self.objectives() if self._weights is not None else OBJECTIVES
 
     def observe_validation(self, losses: Mapping[str, float]) -> None:
         """Feed the online estimate one validation's losses (``{"sft": ..., "dpo": ...}``)."""
-        names = self.objectives() if self._weights is not None else OBJECTIVES
+        names = self._names()
         for k, v in losses.items():
             if k in names and math.isfinite(float(v)):
                 self.val_min[k] = min(self.val_min.get(k, math.inf), float(v))
@@ -174,8 +177,7 @@ class Maxright(Selector):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.online and not trainer.sanity_checking:
             m = trainer.callback_metrics
-            names = self.objectives() if self._weights is not None else OBJECTIVES
-            self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in names if f"val/{k}_loss" in m})
+            self.observe_validation({k: float(m[f"val/{k}_loss"]) for k in self._names() if f"val/{k}_loss" in m})
 
     def gaps(self) -> dict[str, float]:
         """Weighted gaps ``{name: lambda_k (f_k - f_k*)}`` of the tracked values (the pair:

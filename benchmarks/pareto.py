@@ -158,10 +158,8 @@ def fit(
 ) -> dict[str, Any]:
     """One training run in its own process; its summary.json."""
     summary_path = run_dir / "summary.json"
-    if reuse and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("optimizer_steps") == steps:
-            return summary
+    if reuse and finished(run_dir, steps):
+        return json.loads(summary_path.read_text())
     args = fit_args(config, run_dir, selector, lam, seed, steps, settings, optimum_file)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.txt", "w") as logf:
@@ -173,6 +171,12 @@ def fit(
         tail = (run_dir / "log.txt").read_text()[-3000:]
         raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(args)}\n--- log tail ---\n{tail}")
     return json.loads(summary_path.read_text())
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``steps`` optimizer steps (what ``fit(reuse=True)`` reuses)."""
+    path = run_dir / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("optimizer_steps") == steps
 
 
 def fmt_lam(lam: float) -> str:
@@ -190,12 +194,17 @@ def run_benchmark(
     reuse: bool = False,
     runs: Path | None = None,
     threads: int | None = 1,
+    only_finished: bool = False,
 ) -> list[dict[str, Any]]:
+    """Run (or reuse) every seed x lam x method and write the table and the picture. ``only_finished``: start no
+    run, gather the finished ones (a seed without both single-objective runs, or a missing run, is left out)."""
     rows: list[dict[str, Any]] = []
     optima: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for seed in seeds:
         seed_dir = (runs or out / "runs") / f"seed{seed}"
+        if only_finished and not all(finished(seed_dir / o, steps) for o in ("sft_only", "dpo_only")):
+            continue
         singles = {}
         for objective in ("sft_only", "dpo_only"):
             sel = selector_for(objective, seed, None)
@@ -218,6 +227,8 @@ def run_benchmark(
             for method in methods:
                 sel = selector_for(method, seed, optimum_file)
                 run_dir = seed_dir / f"lam{fmt_lam(lam)}" / method
+                if only_finished and not finished(run_dir, steps):
+                    continue
                 s = fit(config, run_dir, sel, lam, seed, steps, settings, optimum_file, reuse, threads)
                 gaps = tradeoff_gaps(s["val/sft_loss"], s["val/dpo_loss"], opt.f_sft, opt.f_dpo)
                 rows.append(
@@ -319,9 +330,9 @@ def markdown(
         + (f"; settings: `{meta['settings']}`" if meta["settings"] else ""),
         f"- machine: {meta['machine']}; CPU threads per run: {meta.get('threads') or 'default'};"
         f" benchmark time {meta['benchmark_time_s']} s",
-        f"- values: mean ± std over {n_seeds} seed(s). Gaps are signed (`f - f*`); ideal distance ="
-        " sqrt(SFT gap² + DPO gap²). Runtime is the time in training steps; increases are against the mean of"
-        " both Sequential orders at the same seed and lam.",
+        f"- values: mean ± std over the seeds ({n_seeds} at most; column `seeds`). Gaps are signed (`f - f*`);"
+        " ideal distance = sqrt(SFT gap² + DPO gap²). Runtime is the time in training steps; increases are"
+        " against the mean of both Sequential orders at the same seed and lam.",
         "",
         "Optima (SFT-only and DPO-only runs, same steps):",
         "",
@@ -333,10 +344,14 @@ def markdown(
             f"| {o['seed']} | {o['f_sft_star']:.4f} | {o['f_dpo_star']:.4f} | {o['sft_only_dpo_loss']:.4f}"
             f" | {o['dpo_only_sft_loss']:.4f} |"
         )
-    lines += ["", "| lam | method | " + " | ".join(h for _, h in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+    lines += ["", "| lam | method | seeds | " + " | ".join(h for _, h in TABLE) + " |",
+              "|---|---|---|" + "---|" * len(TABLE)]  # fmt: skip
     for lam in lams:
         for method in methods:
-            cells = []
+            n = sum(1 for r in rows if r["method"] == method and r["lam"] == lam)
+            if not n:
+                continue
+            cells = [str(n)]
             for key, _ in TABLE:
                 m, s = aggregate(rows, method, lam, key)
                 digits = 1 if key.endswith(("_pct", "_mb")) else (2 if key.endswith("_s") else 3)

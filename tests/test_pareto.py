@@ -79,7 +79,7 @@ def test_increases_are_against_the_mean_of_both_sequential_orders_of_the_same_se
     meta = {"config": "c.yaml", "steps": 3, "seeds": [0, 1], "lams": [0.5], "settings": [], "benchmark_time_s": 1}
     md = markdown(rows, [], {**meta, "machine": "test"}, ["mix"], [0.5])
     # mean and sample std of the ideal distance over the two Mix seeds: 0.3 +- 0.141
-    assert "| 0.5 | Mix | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.300 ± 0.141 |" in md
+    assert "| 0.5 | Mix | 2 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.300 ± 0.141 |" in md
 
 
 def test_maxright_study_run_lengths():

@@ -125,6 +125,20 @@ def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
     return "\n".join(lines)
 
 
+def parse_points(p: argparse.ArgumentParser, texts: list[str]) -> list[tuple[int, float]]:
+    """``SEED:LAM`` texts as (seed, lam) pairs."""
+    points = []
+    for text in texts:
+        seed, sep, lam = text.partition(":")
+        try:
+            points.append((int(seed), float(lam)))
+        except ValueError:
+            p.error(f"--points {text!r}: expected SEED:LAM, e.g. 1:0.5")
+        if not sep:
+            p.error(f"--points {text!r}: expected SEED:LAM, e.g. 1:0.5")
+    return points
+
+
 def seed_runs(out: Path, runs: Path) -> list[Path]:
     """Copy the committed ``OUT/runs/**/summary.json`` into the runs folder where a run has none, so a fresh checkout
     reuses the runs already made (and only makes the missing ones). Returns the summaries copied."""
@@ -149,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--lams", type=float, nargs="+", default=[0.5])
     p.add_argument("--methods", nargs="+", default=list(pareto.METHODS), choices=list(pareto.METHODS))
+    p.add_argument("--points", nargs="+", default=None, metavar="SEED:LAM",
+                   help="make only these seed:lam points (e.g. 1:0.5 0:0.25), not every seed x lam; the table\n"
+                        "gathers every finished run of --seeds x --lams")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="extra option for every run, as in benchmarks/pareto.py (repeatable)")  # fmt: skip
@@ -178,21 +195,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed} lam {lam:g} {method}: f_sft {s['val/sft_loss']:.4f} f_dpo {s['val/dpo_loss']:.4f}"
               f" step time {s['step_time_s']:.1f}s", flush=True)  # fmt: skip
 
+    points = parse_points(p, a.points) if a.points else [(seed, lam) for seed in a.seeds for lam in a.lams]
+    point_seeds = sorted({seed for seed, _ in points})
     with ThreadPoolExecutor(a.jobs) as pool:
-        list(pool.map(one, [(m, seed, 0.5, None) for seed in a.seeds for m in ("sft_only", "dpo_only")]))
-        jobs = []
-        for seed in a.seeds:
+        list(pool.map(one, [(m, seed, 0.5, None) for seed in point_seeds for m in ("sft_only", "dpo_only")]))
+        optimum_files = {}
+        for seed in point_seeds:
             seed_dir = runs / f"seed{seed}"
             opt = optimum_from_summaries(seed_dir / "sft_only" / "summary.json", seed_dir / "dpo_only" / "summary.json")
-            optimum_file = write_optimum(opt, seed_dir / "optimum.json").resolve()
-            # Mix costs two graphs per step: start it first so the pool stays balanced.
-            order = sorted(a.methods, key=lambda m: m != "mix")
-            jobs += [(m, seed, lam, optimum_file) for lam in a.lams for m in order]
-        list(pool.map(one, jobs))
-    # Gather: every run is reused, so this only writes the table and the picture.
-    pareto.run_benchmark(a.config.resolve(), a.out, a.seeds, a.lams, a.steps, a.methods, settings, True, runs, 1)
-    (a.out / "commands.txt").write_text("\n".join(sorted(commands)) + "\n")
-    (a.out / "conflict.md").write_text(conflict_report(runs, a.seeds, a.lams))
+            optimum_files[seed] = write_optimum(opt, seed_dir / "optimum.json").resolve()
+        # Mix costs two graphs per step: start it first so the pool stays balanced.
+        order = sorted(a.methods, key=lambda m: m != "mix")
+        list(pool.map(one, [(m, seed, lam, optimum_files[seed]) for seed, lam in points for m in order]))
+    # Gather: start no run, only write the table and the picture of the finished ones.
+    seeds, lams = sorted({*a.seeds, *point_seeds}), sorted({*a.lams, *(lam for _, lam in points)})
+    pareto.run_benchmark(a.config.resolve(), a.out, seeds, lams, a.steps, a.methods, settings, True, runs, 1, True)
+    old = (a.out / "commands.txt").read_text().splitlines() if (a.out / "commands.txt").is_file() else []
+    (a.out / "commands.txt").write_text("\n".join(sorted({*old, *commands})) + "\n")  # every run made so far
+    (a.out / "conflict.md").write_text(conflict_report(runs, seeds, lams))
     for summary in runs.rglob("summary.json"):
         dest = a.out / "runs" / summary.relative_to(runs)
         dest.parent.mkdir(parents=True, exist_ok=True)

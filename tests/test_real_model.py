@@ -182,3 +182,33 @@ def test_driver_reuses_committed_summaries(monkeypatch, tmp_path):
     (runs / "seed0" / "sft_only" / "summary.json").write_text('{"optimizer_steps": 7}')
     assert drv.seed_runs(out, runs) == []  # an existing run is kept
     assert json.loads((runs / "seed0" / "sft_only" / "summary.json").read_text())["optimizer_steps"] == 7
+
+
+def test_driver_points_and_a_gather_that_starts_no_run(monkeypatch, tmp_path):
+    """``--points 1:0.5 0:0.25`` names single seed:lam points; the gather tabulates only the finished runs (a seed
+    without both optima, or a missing run, is left out) and never starts one."""
+    drv = load_driver(monkeypatch)
+    parser = drv.argparse.ArgumentParser()
+    assert drv.parse_points(parser, ["1:0.5", "0:0.25"]) == [(1, 0.5), (0, 0.25)]
+    with pytest.raises(SystemExit):
+        drv.parse_points(parser, ["0.5"])
+    runs = tmp_path / "runs"
+    summary = {"optimizer_steps": 4, "steps/sft": 2, "steps/dpo": 2, "step_time_s": 1.0, "wall_time_s": 1.0,
+               "peak_memory_mb": 1.0}  # fmt: skip
+    for name, f_sft, f_dpo in [("seed0/sft_only", 1.5, 0.8), ("seed0/dpo_only", 1.8, 0.6),
+                               ("seed0/lam0.5/mix", 1.6, 0.7), ("seed1/sft_only", 1.5, 0.8)]:  # fmt: skip
+        (runs / name).mkdir(parents=True)
+        losses = {"val/sft_loss": f_sft, "val/dpo_loss": f_dpo, "selector": name.split("/")[1]}
+        (runs / name / "summary.json").write_text(json.dumps({**summary, **losses}))
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the gather started a run")
+
+    monkeypatch.setattr(drv.pareto, "fit_args", no_run)
+    rows = drv.pareto.run_benchmark(
+        tmp_path / "c.yaml", tmp_path / "out", [0, 1], [0.25, 0.5], 4, ["mix", "alright"], [], True, runs, 1, True
+    )
+    assert [(r["seed"], r["lam"], r["method"]) for r in rows] == [(0, 0.5, "mix")]
+    assert rows[0]["ideal_distance"] == pytest.approx(math.hypot(0.1, 0.1))
+    md = (tmp_path / "out" / "pareto.md").read_text()
+    assert "| 0.5 | Mix | 1 | 1.600 ± 0.000 |" in md and "ALRIGHT" not in md.split("| lam |")[1]

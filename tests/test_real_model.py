@@ -201,14 +201,23 @@ def test_driver_points_and_a_gather_that_starts_no_run(monkeypatch, tmp_path):
         losses = {"val/sft_loss": f_sft, "val/dpo_loss": f_dpo, "selector": name.split("/")[1]}
         (runs / name / "summary.json").write_text(json.dumps({**summary, **losses}))
 
-    def no_run(*args, **kwargs):
-        raise AssertionError("the gather started a run")
+    fit = drv.pareto.fit
 
-    monkeypatch.setattr(drv.pareto, "fit_args", no_run)
-    rows = drv.pareto.run_benchmark(
-        tmp_path / "c.yaml", tmp_path / "out", [0, 1], [0.25, 0.5], 4, ["mix", "alright"], [], True, runs, 1, True
-    )
+    def fit_no_run(config, run_dir, *args, **kwargs):
+        assert drv.pareto.finished(run_dir, 4), f"the gather started a run in {run_dir}"
+        return fit(config, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(drv.pareto, "fit", fit_no_run)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    drv.main(["--gather", "--model-dir", str(tmp_path / "model"), "--runs", str(runs), "--out", str(out),
+              "--steps", "4", "--seeds", "0", "1", "--lams", "0.25", "0.5", "--methods", "mix", "alright"])  # fmt: skip
+    rows = drv.pareto.read_csv(out / "pareto.csv")
     assert [(r["seed"], r["lam"], r["method"]) for r in rows] == [(0, 0.5, "mix")]
     assert rows[0]["ideal_distance"] == pytest.approx(math.hypot(0.1, 0.1))
-    md = (tmp_path / "out" / "pareto.md").read_text()
+    md = (out / "pareto.md").read_text()
     assert "| 0.5 | Mix | 1 | 1.600 ± 0.000 |" in md and "ALRIGHT" not in md.split("| lam |")[1]
+    commands = (out / "commands.txt").read_text().splitlines()  # every finished run, seed 1's lone optimum too
+    assert len(commands) == 4 and sum("xright_pl.Mix" in c for c in commands) == 1
+    assert (out / "runs" / "seed1" / "sft_only" / "summary.json").is_file()

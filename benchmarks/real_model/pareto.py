@@ -9,13 +9,16 @@ once (one thread each), and asks for a little more from some runs than the gener
 * Sequential (SFT->DPO) and ALRIGHT keep their final checkpoint (``checkpoints/last.ckpt``) for
   ``python -m xright_pl generate`` (see ``--generate``).
 
-Then ``benchmarks/pareto.py`` gathers the finished runs (``--reuse``) into ``pareto.csv``, ``pareto.md``,
-``pareto.png``; this script adds ``commands.txt`` (how every run was started) and copies each run's
-``summary.json`` under ``OUT/runs/``.
+Then ``benchmarks/pareto.py`` gathers every finished run of ``--seeds`` x ``--lams`` (it starts none) into
+``pareto.csv``, ``pareto.md``, ``pareto.png``; this script adds ``commands.txt`` (the command line of every finished
+run) and copies each run's ``summary.json`` under ``OUT/runs/``. Finished runs are never made again, so an
+interrupted grid goes on where it stopped; ``--points`` makes only some seed:lam points of a grid, ``--gather``
+makes none.
 
     python benchmarks/real_model/get_smollm2.py ../smollm2
     python benchmarks/real_model/pareto.py --steps 100 --seeds 0 --lams 0.5          # 7 runs, ~2 h on 2 cores
     python benchmarks/real_model/pareto.py --steps 100 --seeds 0 --lams 0.5 --generate  # + answers (needs the runs)
+    python benchmarks/real_model/pareto.py --steps 100 --seeds 0 1 --lams 0.25 0.5 0.75 --points 1:0.5 0:0.25
 
 Runtime columns: with ``--jobs 2`` two runs share the machine, so ``step_time_s`` is comparable between runs only
 roughly (the neighbour changes); ``benchmarks/step_speed.py --real-model`` measures step costs on a quiet machine.
@@ -82,6 +85,23 @@ def command_line(config: Path, run_dir: Path, method: str, seed: int, lam: float
     args = ["python", *args[1:]]
     text = " ".join(shlex.quote(a) for a in args)
     return text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
+
+
+def finished_commands(a: argparse.Namespace, runs: Path, seeds: list[int], lams: list[float], settings: list[str]):
+    """The command line of every finished run of ``seeds`` x ``lams`` x ``a.methods`` and of their optima."""
+    lines = []
+    for seed in seeds:
+        seed_dir = runs / f"seed{seed}"
+        optimum_file = (seed_dir / "optimum.json").resolve()
+        points = [(m, seed_dir / m, 0.5, None) for m in ("sft_only", "dpo_only")]
+        points += [
+            (m, seed_dir / f"lam{pareto.fmt_lam(lam)}" / m, lam, optimum_file) for lam in lams for m in a.methods
+        ]
+        for method, run_dir, lam, opt in points:
+            if pareto.finished(run_dir, a.steps):
+                extra = settings + extra_settings(method, a.steps)
+                lines.append(command_line(a.config, run_dir, method, seed, lam, a.steps, extra, opt))
+    return "\n".join(sorted(lines)) + "\n"
 
 
 def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
@@ -166,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", nargs="+", default=None, metavar="SEED:LAM",
                    help="make only these seed:lam points (e.g. 1:0.5 0:0.25), not every seed x lam; the table\n"
                         "gathers every finished run of --seeds x --lams")  # fmt: skip
+    p.add_argument("--gather", action="store_true",
+                   help="start no run: write the table, picture and report of the finished runs")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="extra option for every run, as in benchmarks/pareto.py (repeatable)")  # fmt: skip
@@ -182,14 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for path in seed_runs(a.out, runs):
         print(f"reusing the committed {path.relative_to(runs)}", flush=True)
-    commands: list[str] = []
 
     def one(job: tuple[str, int, float, Path | None]) -> None:
         method, seed, lam, optimum_file = job
         seed_dir = runs / f"seed{seed}"
         run_dir = seed_dir / method if method.endswith("_only") else seed_dir / f"lam{pareto.fmt_lam(lam)}" / method
         extra = settings + extra_settings(method, a.steps)
-        commands.append(command_line(a.config, run_dir, method, seed, lam, a.steps, extra, optimum_file))
         sel = pareto.selector_for(method, seed, optimum_file)
         s = pareto.fit(a.config.resolve(), run_dir, sel, lam, seed, a.steps, extra, optimum_file, reuse=True)
         print(f"seed {seed} lam {lam:g} {method}: f_sft {s['val/sft_loss']:.4f} f_dpo {s['val/dpo_loss']:.4f}"
@@ -197,7 +217,10 @@ def main(argv: list[str] | None = None) -> None:
 
     points = parse_points(p, a.points) if a.points else [(seed, lam) for seed in a.seeds for lam in a.lams]
     point_seeds = sorted({seed for seed, _ in points})
+    seeds, lams = sorted({*a.seeds, *point_seeds}), sorted({*a.lams, *(lam for _, lam in points)})
     with ThreadPoolExecutor(a.jobs) as pool:
+        if a.gather:
+            points = point_seeds = []  # start nothing
         list(pool.map(one, [(m, seed, 0.5, None) for seed in point_seeds for m in ("sft_only", "dpo_only")]))
         optimum_files = {}
         for seed in point_seeds:
@@ -208,10 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         order = sorted(a.methods, key=lambda m: m != "mix")
         list(pool.map(one, [(m, seed, lam, optimum_files[seed]) for seed, lam in points for m in order]))
     # Gather: start no run, only write the table and the picture of the finished ones.
-    seeds, lams = sorted({*a.seeds, *point_seeds}), sorted({*a.lams, *(lam for _, lam in points)})
     pareto.run_benchmark(a.config.resolve(), a.out, seeds, lams, a.steps, a.methods, settings, True, runs, 1, True)
-    old = (a.out / "commands.txt").read_text().splitlines() if (a.out / "commands.txt").is_file() else []
-    (a.out / "commands.txt").write_text("\n".join(sorted({*old, *commands})) + "\n")  # every run made so far
+    (a.out / "commands.txt").write_text(finished_commands(a, runs, seeds, lams, settings))
     (a.out / "conflict.md").write_text(conflict_report(runs, seeds, lams))
     for summary in runs.rglob("summary.json"):
         dest = a.out / "runs" / summary.relative_to(runs)

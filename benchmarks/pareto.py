@@ -53,6 +53,8 @@ METHODS: dict[str, str] = {
     "maxright": "MAXRIGHT",
 }
 SEQUENTIAL = ("sequential_sft_dpo", "sequential_dpo_sft")
+#: The single-objective runs that give a seed's f* (one per seed, whatever lam).
+SINGLES = ("sft_only", "dpo_only")
 COLUMNS = [
     "method",
     "lam",
@@ -183,6 +185,12 @@ def fmt_lam(lam: float) -> str:
     return f"{lam:g}"
 
 
+def run_dir_of(runs: Path, seed: int, method: str, lam: float) -> Path:
+    """Where a run lives: ``seed{seed}/{method}`` for the optima, ``seed{seed}/lam{lam}/{method}`` for the rest."""
+    seed_dir = runs / f"seed{seed}"
+    return seed_dir / method if method in SINGLES else seed_dir / f"lam{fmt_lam(lam)}" / method
+
+
 def run_benchmark(
     config: Path,
     out: Path,
@@ -201,15 +209,24 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     optima: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    runs_dir = runs or out / "runs"
     for seed in seeds:
-        seed_dir = (runs or out / "runs") / f"seed{seed}"
-        if only_finished and not all(finished(seed_dir / o, steps) for o in ("sft_only", "dpo_only")):
+        seed_dir = runs_dir / f"seed{seed}"
+        if only_finished and not all(finished(run_dir_of(runs_dir, seed, o, 0.5), steps) for o in SINGLES):
             continue
         singles = {}
-        for objective in ("sft_only", "dpo_only"):
+        for objective in SINGLES:
             sel = selector_for(objective, seed, None)
             singles[objective] = fit(
-                config, seed_dir / objective, sel, 0.5, seed, steps, settings, reuse=reuse, threads=threads
+                config,
+                run_dir_of(runs_dir, seed, objective, 0.5),
+                sel,
+                0.5,
+                seed,
+                steps,
+                settings,
+                reuse=reuse,
+                threads=threads,
             )
             print(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {objective} done", flush=True)
         opt = optimum_from_summaries(seed_dir / "sft_only" / "summary.json", seed_dir / "dpo_only" / "summary.json")
@@ -226,7 +243,7 @@ def run_benchmark(
         for lam in lams:
             for method in methods:
                 sel = selector_for(method, seed, optimum_file)
-                run_dir = seed_dir / f"lam{fmt_lam(lam)}" / method
+                run_dir = run_dir_of(runs_dir, seed, method, lam)
                 if only_finished and not finished(run_dir, steps):
                     continue
                 s = fit(config, run_dir, sel, lam, seed, steps, settings, optimum_file, reuse, threads)

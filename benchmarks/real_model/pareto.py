@@ -91,13 +91,10 @@ def finished_commands(a: argparse.Namespace, runs: Path, seeds: list[int], lams:
     """The command line of every finished run of ``seeds`` x ``lams`` x ``a.methods`` and of their optima."""
     lines = []
     for seed in seeds:
-        seed_dir = runs / f"seed{seed}"
-        optimum_file = (seed_dir / "optimum.json").resolve()
-        points = [(m, seed_dir / m, 0.5, None) for m in ("sft_only", "dpo_only")]
-        points += [
-            (m, seed_dir / f"lam{pareto.fmt_lam(lam)}" / m, lam, optimum_file) for lam in lams for m in a.methods
-        ]
-        for method, run_dir, lam, opt in points:
+        optimum_file = (runs / f"seed{seed}" / "optimum.json").resolve()
+        points = [(m, 0.5, None) for m in pareto.SINGLES] + [(m, lam, optimum_file) for lam in lams for m in a.methods]
+        for method, lam, opt in points:
+            run_dir = pareto.run_dir_of(runs, seed, method, lam)
             if pareto.finished(run_dir, a.steps):
                 extra = settings + extra_settings(method, a.steps)
                 lines.append(command_line(a.config, run_dir, method, seed, lam, a.steps, extra, opt))
@@ -110,19 +107,18 @@ def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
     lines = ["# Do the objectives conflict?", "", "Validation losses (held-out rows); ln 2 = 0.6931 is the DPO loss of",
              "the reference itself.", ""]  # fmt: skip
     for seed in seeds:
-        seed_dir = runs / f"seed{seed}"
         lines += [f"## seed {seed}", "", "| run | step | f_sft | f_dpo | rewards accuracy |", "|---|---|---|---|---|"]
         start = None
         for lam in lams:
             for method in pareto.SEQUENTIAL:
-                path = seed_dir / f"lam{pareto.fmt_lam(lam)}" / method / "summary.json"
+                path = pareto.run_dir_of(runs, seed, method, lam) / "summary.json"
                 if path.is_file():
                     points = json.loads(path.read_text()).get("trajectory") or []
                     start = start or next((p for p in points if p[0] == 0), None)
         if start:
             lines.append(f"| start (the pretrained model) | 0 | {start[1]:.4f} | {start[2]:.4f} | |")
-        for method in ("sft_only", "dpo_only"):
-            path = seed_dir / method / "summary.json"
+        for method in pareto.SINGLES:
+            path = pareto.run_dir_of(runs, seed, method, 0.5) / "summary.json"
             if path.is_file():
                 s = json.loads(path.read_text())
                 lines.append(
@@ -131,7 +127,7 @@ def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
                 )
         for lam in lams:
             for method in pareto.SEQUENTIAL:
-                path = seed_dir / f"lam{pareto.fmt_lam(lam)}" / method / "summary.json"
+                path = pareto.run_dir_of(runs, seed, method, lam) / "summary.json"
                 if not path.is_file():
                     continue
                 s = json.loads(path.read_text())
@@ -149,12 +145,10 @@ def parse_points(p: argparse.ArgumentParser, texts: list[str]) -> list[tuple[int
     """``SEED:LAM`` texts as (seed, lam) pairs."""
     points = []
     for text in texts:
-        seed, sep, lam = text.partition(":")
+        seed, _, lam = text.partition(":")
         try:
             points.append((int(seed), float(lam)))
-        except ValueError:
-            p.error(f"--points {text!r}: expected SEED:LAM, e.g. 1:0.5")
-        if not sep:
+        except ValueError:  # also without the colon: float("") fails
             p.error(f"--points {text!r}: expected SEED:LAM, e.g. 1:0.5")
     return points
 
@@ -207,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(job: tuple[str, int, float, Path | None]) -> None:
         method, seed, lam, optimum_file = job
-        seed_dir = runs / f"seed{seed}"
-        run_dir = seed_dir / method if method.endswith("_only") else seed_dir / f"lam{pareto.fmt_lam(lam)}" / method
+        run_dir = pareto.run_dir_of(runs, seed, method, lam)
         extra = settings + extra_settings(method, a.steps)
         sel = pareto.selector_for(method, seed, optimum_file)
         s = pareto.fit(a.config.resolve(), run_dir, sel, lam, seed, a.steps, extra, optimum_file, reuse=True)
@@ -218,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     points = parse_points(p, a.points) if a.points else [(seed, lam) for seed in a.seeds for lam in a.lams]
     point_seeds = sorted({seed for seed, _ in points})
     seeds, lams = sorted({*a.seeds, *point_seeds}), sorted({*a.lams, *(lam for _, lam in points)})
+    if a.gather:
+        points = point_seeds = []  # start nothing
     with ThreadPoolExecutor(a.jobs) as pool:
-        if a.gather:
-            points = point_seeds = []  # start nothing
-        list(pool.map(one, [(m, seed, 0.5, None) for seed in point_seeds for m in ("sft_only", "dpo_only")]))
+        list(pool.map(one, [(m, seed, 0.5, None) for seed in point_seeds for m in pareto.SINGLES]))
         optimum_files = {}
         for seed in point_seeds:
             seed_dir = runs / f"seed{seed}"
@@ -245,11 +238,10 @@ def generate(a: argparse.Namespace, runs: Path, model_dir: Path, data_dir: Path)
     """Answers of the reference, Sequential (SFT->DPO) and ALRIGHT for held-out HH prompts."""
     out = a.out / "answers"
     out.mkdir(parents=True, exist_ok=True)
-    lam = pareto.fmt_lam(a.lams[0])
     models = {"reference": str(model_dir)}
     commands: list[str] = []
     for method in KEEP_CHECKPOINT:
-        models[method] = str(runs / f"seed{a.seeds[0]}" / f"lam{lam}" / method / "checkpoints" / "last.ckpt")
+        models[method] = str(pareto.run_dir_of(runs, a.seeds[0], method, a.lams[0]) / "checkpoints" / "last.ckpt")
     for name, model in models.items():
         args = [sys.executable, "-m", "xright_pl", "generate", "--model", model,
                 "--prompts", str(data_dir / "hh_rlhf_pref_eval.jsonl"), "--format", "prompt_chosen_rejected",

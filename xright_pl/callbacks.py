@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl.commandline import resume_command
+from xright_pl.distributed import agree_run_dir, run_dir
 from xright_pl.selectors import selector_of
 
 
@@ -57,6 +58,9 @@ class RunSummary(Callback):
         self._step_t0 = 0.0
         self._step_time = 0.0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        agree_run_dir(trainer)  # every process: on_fit_end writes on rank 0 only, which must not broadcast
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -71,7 +75,8 @@ class RunSummary(Callback):
         self._step_time += time.perf_counter() - self._step_t0
 
     def run_dir(self, trainer: pl.Trainer) -> str:
-        return trainer.log_dir or trainer.default_root_dir
+        """The run folder, without a collective (see :func:`xright_pl.distributed.run_dir`)."""
+        return run_dir(trainer)
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         wall = time.perf_counter() - self._t0

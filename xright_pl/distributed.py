@@ -8,6 +8,8 @@ verifies it at every step, before any backward pass, for the price of one all-ga
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -64,6 +66,56 @@ def check_agreement(
             " on every rank (not the global RNG, and not seeded with the rank) and decide only from values that"
             " the module has averaged across processes."
         )
+
+
+#: The run folder each Trainer's processes agreed on (see :func:`agree_run_dir`).
+_AGREED_RUN_DIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def local_run_dir(trainer) -> str:
+    """``Trainer.log_dir`` as this process computes it, **without** its broadcast: the first logger's version
+    folder (TensorBoard, CSV), another logger's ``save_dir``, or ``default_root_dir`` without a logger."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    if not loggers:
+        path = None
+    elif isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+        path = loggers[0].log_dir
+    else:
+        path = loggers[0].save_dir
+    return str(path or trainer.default_root_dir)
+
+
+def agree_run_dir(trainer) -> str:
+    """The run folder, broadcast from rank 0 once and remembered. **A collective**: call it where every process
+    runs (a ``setup`` hook), never behind an ``is_global_zero`` test; later calls return the remembered folder
+    without communicating."""
+    if trainer not in _AGREED_RUN_DIRS:
+        path = local_run_dir(trainer)
+        if getattr(trainer, "world_size", 1) > 1:
+            path = trainer.strategy.broadcast(path)
+        _AGREED_RUN_DIRS[trainer] = path
+    return _AGREED_RUN_DIRS[trainer]
+
+
+def run_dir(trainer) -> str:
+    """The run folder (where ``config.yaml``, ``summary.json``, ``trajectory.png`` and ``hf/`` go): what the
+    processes agreed on in :func:`agree_run_dir`, else this process's own :func:`local_run_dir`. **Never a
+    collective**, so it is safe in code that only some processes run (``Trainer.log_dir`` broadcasts, and
+    deadlocks there)."""
+    agreed = _AGREED_RUN_DIRS.get(trainer)
+    return agreed if agreed is not None else local_run_dir(trainer)
+
+
+def run_folders(trainer) -> dict[str, str] | None:
+    """The folders of the run writing a checkpoint: ``log_dir`` (:func:`run_dir`: where LightningCLI saves the
+    run's ``config.yaml``) and ``root`` (``default_root_dir``). Recorded in every checkpoint so ``generate`` and
+    ``export`` find the run a checkpoint belongs to when several runs share one root (and one ``checkpoints``
+    folder). No collective."""
+    if trainer is None:
+        return None
+    return {"log_dir": os.path.abspath(run_dir(trainer)), "root": os.path.abspath(trainer.default_root_dir)}
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

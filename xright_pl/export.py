@@ -24,6 +24,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from xright_pl.distributed import agree_run_dir, run_dir
 from xright_pl.errors import ConfigError
 from xright_pl.lora import is_lora
 from xright_pl.models import _DTYPES
@@ -205,6 +206,9 @@ class ExportOnFitEnd(Callback):
         self.dtype = dtype
         self.path: Path | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        agree_run_dir(trainer)  # every process: on_fit_end writes on rank 0 only, which must not broadcast
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         policy = pl_module.policy
         if pl_module.device_mesh is not None:
@@ -214,7 +218,7 @@ class ExportOnFitEnd(Callback):
             )
         if not trainer.is_global_zero:
             return
-        out = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf")
+        out = self.dirpath or os.path.join(run_dir(trainer), "hf")  # rank 0 only here: no collective
         with torch.no_grad():
             keep = is_lora(policy) or self.dtype is not None  # merging and casting modify the model
             copy_ = copy.deepcopy(policy).cpu() if keep else policy

@@ -327,7 +327,7 @@ class LoadedGenerator:
 
 def recorded_run(checkpoint: str) -> dict[str, str] | None:
     """The run folders a checkpoint recorded when it was written (``{"log_dir", "root"}``, see
-    :func:`xright_pl.module.run_folders`); None for a file without them (older checkpoints, other files).
+    :func:`xright_pl.distributed.run_folders`); None for a file without them (older checkpoints, other files).
     The file is memory-mapped, so its tensors are not read."""
     from xright_pl.lora import LoraSettings
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from xright_pl.data.streams import StreamTicket
-from xright_pl.distributed import check_agreement, fully_shard_model
+from xright_pl.distributed import agree_run_dir, check_agreement, fully_shard_model, run_folders
 from xright_pl.errors import ConfigError
 from xright_pl.guards import NonFiniteGuard, TrainingError, check_finite_weights
 from xright_pl.lightning_private import replace_optimizers
@@ -194,6 +194,7 @@ class XRightModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the objectives from the data module when it names its own (``data.datasets``)."""
+        agree_run_dir(self.trainer)  # every process, now: end-of-run hooks on rank 0 then need no collective
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "objective_weights", None) is None:
             return
@@ -695,27 +696,3 @@ def _preference_loss_problems(
             " there is nothing to precompute; set --model.precompute_reference_logps false"
         )
     return problems
-
-
-def run_folders(trainer: pl.Trainer | None) -> dict[str, str] | None:
-    """The folders of the run writing a checkpoint: ``log_dir`` (where LightningCLI saves the run's
-    ``config.yaml``: the logger's version folder, or ``default_root_dir`` without a logger) and ``root``
-    (``default_root_dir``). Recorded in every checkpoint so ``generate`` and ``export`` find the run a
-    checkpoint belongs to when several runs share one root (and one ``checkpoints`` folder). ``Trainer.log_dir``
-    without its broadcast (every rank computes the same)."""
-    import os
-
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if trainer is None:
-        return None
-    loggers = trainer.loggers
-    if not loggers:
-        log_dir = trainer.default_root_dir
-    elif isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
-        log_dir = loggers[0].log_dir
-    else:
-        log_dir = loggers[0].save_dir
-    if not log_dir:
-        return None
-    return {"log_dir": os.path.abspath(log_dir), "root": os.path.abspath(trainer.default_root_dir)}

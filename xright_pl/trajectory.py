@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from xright_pl.distributed import agree_run_dir, run_dir
 from xright_pl.metrics import optimum_of
 from xright_pl.optimum import Optimum
 from xright_pl.selectors import selector_of
@@ -173,6 +174,9 @@ class TrajectoryPlot(Callback):
         weights = ", ".join(f"{k}={v:g}" for k, v in target.items()) if isinstance(target, dict) else f"lam={target}"
         return f"{sel.describe() if sel else 'run'}, {weights}"
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        agree_run_dir(trainer)  # every process: on_train_end draws on rank 0 only, which must not broadcast
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.enabled and self.evaluate_start) or trainer.global_step != 0 or self.points:
             return
@@ -206,9 +210,9 @@ class TrajectoryPlot(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero or not self.points or not self._can_draw():
             return
-        run_dir = trainer.log_dir or trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, self.filename)
+        folder = run_dir(trainer)  # rank 0 only here: no collective (Trainer.log_dir broadcasts)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.filename)
         fig = plot_trajectory(self.points, self._optimum(trainer), self._title(trainer, pl_module), self.axes)
         fig.savefig(path)
         self.png_path = path

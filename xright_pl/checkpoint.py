@@ -269,7 +269,7 @@ def acquire_lock(folder: str | os.PathLike) -> Path:
         ) from None
 
 
-def _missing_dirs(folder: str | os.PathLike) -> list[Path]:
+def missing_dirs(folder: str | os.PathLike) -> list[Path]:
     """The folders of ``folder``'s path that do not exist yet, deepest first."""
     missing = []
     path = Path(folder).absolute()
@@ -383,9 +383,22 @@ class XRightCheckpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO(keep_previous=self.keep_previous)
         elif isinstance(io, AtomicCheckpointIO) and self.keep_previous:
             io.keep_previous = True
-        if stage == "fit" and trainer.is_global_zero and "://" not in str(self.dirpath):
-            self._new_dirs = _missing_dirs(self.dirpath)
+        if stage == "fit" and trainer.is_global_zero:
+            self.lock_folder(trainer)
+
+    def lock_folder(self, trainer: pl.Trainer) -> None:
+        """Take the checkpoint folder's lock (rank 0 of a ``fit``; no collective). ``fit`` through the CLI takes it
+        before anything of the run is written (so a refused run writes nothing); ``setup`` takes it otherwise.
+        A second call is a no-op."""
+        if self.dirpath is None:
+            self.dirpath = self._default_dir(trainer)
+        if self._lock is None and "://" not in str(self.dirpath):
+            self._new_dirs = missing_dirs(self.dirpath)
             self._lock = acquire_lock(self.dirpath)
+
+    def unlock(self) -> None:
+        """Give the folder back (see :meth:`lock_folder`)."""
+        self._unlock()
 
     def _unlock(self) -> None:
         """Release the folder; folders the lock created and nothing else filled are removed again (a run that

@@ -15,12 +15,15 @@ from argparse import ArgumentError
 from collections.abc import Callable
 
 from lightning.pytorch.callbacks import ProgressBar
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary
 from xright_pl.commandline import running
+from xright_pl.commands import startup
 from xright_pl.data.module import JointDataModule
 from xright_pl.errors import ConfigError, XRightError
+from xright_pl.lightning_private import spawns_processes
 from xright_pl.metrics import TradeoffMetrics
 from xright_pl.module import XRightModule
 from xright_pl.progress import StepProgress
@@ -58,6 +61,7 @@ class XRightCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
+        startup.claim(self.trainer)  # lock, version folder, write probe: before anything of the run is written
         if not any(isinstance(c, StopOnSignal) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(StopOnSignal())  # last.ckpt at the step boundary on SIGTERM / Ctrl-C
 
@@ -74,6 +78,12 @@ class XRightCLI(LightningCLI):
 def check_trainer_settings(trainer) -> None:
     """Point Trainer-level accumulation and clipping to the module's own options (the module optimizes by hand,
     so Lightning refuses them, with advice to switch to automatic optimization that does not apply here)."""
+    if spawns_processes(trainer):
+        raise ConfigError(
+            "--trainer.strategy ddp_spawn is not supported (the spawned processes cannot unpickle the run's"
+            " callbacks and generators): use --trainer.strategy ddp, which starts the same processes from the"
+            " command line."
+        )
     if trainer.max_steps == 0:
         raise ConfigError(
             "--trainer.max_steps 0 trains nothing: give the number of optimizer steps (e.g. --trainer.max_steps"
@@ -105,12 +115,45 @@ def _extra_command(name: str) -> Callable:
 def run(args: list[str] | None = None) -> object:
     """Run a command; errors a user can fix propagate as :class:`~xright_pl.errors.XRightError`."""
     argv = list(sys.argv[1:] if args is None else args)
+    # `--help` shows the attribute docstrings of the data classes (--data.sft.*, --model.lora.*, ...).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
         return CLI(_extra_command(argv[0]), args=argv[1:], as_positional=False)
-    with stop_on_signals(argv if argv and argv[0] == "fit" else None), running(argv):
+    with stop_on_signals(argv if argv and argv[0] == "fit" else None), running(argv), startup.released_on_failure():
         return _lightning_cli(args)
+
+
+#: What the Trainer commands do, for :func:`usage` (the other commands' first docstring line is used).
+TRAINER_COMMANDS = {
+    "fit": "train a policy (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*, --ckpt_path last)",
+    "validate": "evaluate a checkpoint on the validation sets (--config FILE --ckpt_path PATH)",
+}
+
+
+def usage() -> str:
+    """``python -m xright_pl --help``: every command with one line on what it does."""
+    import inspect
+
+    lines = [
+        "usage: python -m xright_pl <command> [options]",
+        "",
+        "Joint SFT + DPO post-training (ALRIGHT, MAXRIGHT, Sequential, Mix).",
+        "",
+        "commands:",
+    ]
+    described = dict(TRAINER_COMMANDS)
+    for name in EXTRA_COMMANDS:
+        doc = inspect.getdoc(_extra_command(name)) or ""
+        described[name] = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+    width = max(len(k) for k in described)
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in described.items()]
+    lines += ["", "Run `python -m xright_pl <command> --help` for the options of a command."]
+    return "\n".join(lines)
 
 
 def _lightning_cli(args: list[str] | None) -> XRightCLI:
@@ -124,7 +167,10 @@ def _lightning_cli(args: list[str] | None) -> XRightCLI:
             " validate, " + ", ".join(EXTRA_COMMANDS) + ".",
             # A bad option raises (main() prints it as one paragraph) instead of printing the whole usage.
             "exit_on_error": False,
-            **{cmd: {"exit_on_error": False} for cmd in XRightCLI.subcommands()},
+            "prog": "python -m xright_pl",
+            # No abbreviations: `--trainer.max_step 10` is a typo, reported with "Did you mean", never a prefix.
+            "allow_abbrev": False,
+            **{cmd: {"exit_on_error": False, "allow_abbrev": False} for cmd in XRightCLI.subcommands()},
         },
     )
 

@@ -32,6 +32,9 @@ PRIVATE_MEMBERS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path"),
     ("lightning.pytorch.cli.LightningCLI", "_parser"),
     ("lightning.pytorch.cli.LightningCLI", "_get"),
+    ("lightning.pytorch.loggers.TensorBoardLogger", "_version"),
+    ("lightning.pytorch.loggers.CSVLogger", "_version"),
+    ("lightning.pytorch.strategies.DDPStrategy", "_start_method"),
 )
 
 
@@ -78,3 +81,22 @@ def should_accumulate(trainer: pl.Trainer) -> bool:
 def save_last_checkpoint(callback: Any, trainer: pl.Trainer) -> None:
     """``ModelCheckpoint``'s own ``last.ckpt`` save, now (with its usual monitor candidates)."""
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def logger_version(logger: Any) -> int | str | None:
+    """The version a TensorBoard or CSV logger was given (None: it picks the next free one when first asked)."""
+    return logger._version
+
+
+def set_logger_version(logger: Any, version: int | str) -> None:
+    """Give a TensorBoard or CSV logger its version (its folder ``version_N``) after construction."""
+    logger._version = version
+
+
+def spawns_processes(trainer: pl.Trainer) -> bool:
+    """True for a DDP strategy that starts its processes with ``spawn``/``forkserver`` (``ddp_spawn``), which
+    pickles the module and its callbacks into the new processes."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", None) in ("spawn", "forkserver")

@@ -135,6 +135,7 @@ class XRightModule(pl.LightningModule):
         if not isinstance(max_consecutive_nonfinite, int) or max_consecutive_nonfinite < 1:
             problems.append(f"max_consecutive_nonfinite must be an integer >= 1, got {max_consecutive_nonfinite!r}")
         problems.extend(_preference_loss_problems(loss_type, label_smoothing, simpo_gamma, precompute_reference_logps))
+        problems.extend(optimizer_problems(optimizer))
         if problems:
             raise ConfigError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters(ignore=["selector", "optimizer", "lr_scheduler"])
@@ -666,6 +667,39 @@ _OBJECTIVE_HOOKS = {"sft": "sft_objective", "dpo": "dpo_objective"}
 def _metric_key(name: str) -> str:
     """A metric name as a ``ModuleDict`` key (no dots or slashes)."""
     return name.replace("/", "__").replace(".", "_")
+
+
+#: Words of torch's optimizer errors -> the argument they are about.
+_OPTIMIZER_ARGS = (
+    ("learning rate", "lr"), ("epsilon", "eps"), ("beta", "betas"), ("weight_decay", "weight_decay"),
+    ("momentum", "momentum"), ("dampening", "dampening"), ("alpha", "alpha"), ("lr_decay", "lr_decay"),
+)  # fmt: skip
+
+
+def optimizer_problems(optimizer: Any) -> list[str]:
+    """Build the optimizer once on a dummy parameter, so that a setting torch refuses (``lr: -1``) is reported
+    at start, naming its option, instead of a traceback from ``configure_optimizers`` after the run began."""
+    if not callable(optimizer):
+        return [f"optimizer must be an optimizer class or factory, got {optimizer!r} (--model.optimizer)"]
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        message = str(e).strip().rstrip(".")
+        arg = next((a for words, a in _OPTIMIZER_ARGS if words in message.lower()), None)
+        option = f"--model.optimizer.init_args.{arg}" if arg else "--model.optimizer"
+        name = _class_name(optimizer)
+        return [f"{option}: the optimizer ({name}) refuses it: {message}"]
+    except Exception:  # an optimizer that cannot be built on a dummy parameter: it is checked when the run builds it
+        return []
+    return []
+
+
+def _class_name(factory: Any) -> str:
+    """``torch.optim.AdamW`` for the class or for the partial of it that jsonargparse gives."""
+    for candidate in (factory, getattr(factory, "func", None), *getattr(factory, "args", ())[:2]):
+        if isinstance(candidate, type):
+            return f"{candidate.__module__}.{candidate.__qualname__}"
+    return type(factory).__name__
 
 
 def _preference_loss_problems(

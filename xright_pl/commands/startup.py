@@ -1,0 +1,159 @@
+"""What ``fit`` claims before the Trainer starts, and gives back when the start fails.
+
+Two runs started at the same moment on one ``default_root_dir`` must not write into each other's folders, and a
+run that fails its start-up checks must leave nothing behind. So, on rank 0, before Lightning writes anything
+(``config.yaml``, ``hparams.yaml``, the event file):
+
+1. the root is created and probed for writing (a read-only mount, or a path below a regular file, is one clear
+   :class:`~xright_pl.errors.ConfigError`, not a traceback from the logger);
+2. each :class:`~xright_pl.checkpoint.XRightCheckpoint` takes its folder's lock (the second run is refused here,
+   having written nothing);
+3. the logger's ``version_N`` folder is picked atomically (``mkdir`` either creates it or fails because another
+   run did: then ``N + 1``), and the logger is given that version. The other processes of a DDP run (started by
+   Lightning from this one) read it from ``XRIGHT_PL_RUN_VERSION``.
+
+If ``fit`` then fails before its first optimizer step, :func:`release` removes the version folder and the folders
+this run created, and gives the lock back. Nothing here is a collective: it runs on some ranks only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xright_pl.checkpoint import XRightCheckpoint, missing_dirs
+from xright_pl.errors import ConfigError
+from xright_pl.lightning_private import logger_version, set_logger_version
+
+#: ``<logger root>|<version>`` of the run being started, for the other processes of a DDP run.
+VERSION_ENV = "XRIGHT_PL_RUN_VERSION"
+
+
+@dataclass
+class Claim:
+    """What :func:`claim` took for one ``fit``: folders it created (deepest first), the version folder, the
+    checkpoint callbacks whose lock it holds."""
+
+    trainer: Any
+    created: list[Path] = field(default_factory=list)
+    version_dir: Path | None = None
+    locked: list[XRightCheckpoint] = field(default_factory=list)
+
+
+def _versioned_logger(trainer) -> Any | None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    return loggers[0] if loggers and isinstance(loggers[0], (TensorBoardLogger, CSVLogger)) else None
+
+
+def _writable(folder: Path, what: str) -> list[Path]:
+    """Create ``folder`` (and its missing parents) and write a probe file in it; returns the folders created."""
+    created = missing_dirs(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".xright_probe_", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _remove_empty(created)
+        reason = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and os.fspath(e.filename) != str(folder) else ""
+        raise ConfigError(
+            f"{what} {str(folder)!r} cannot be written: {reason}{where}. Give a folder this user can create and"
+            " write (e.g. --trainer.default_root_dir runs/my_run)."
+        ) from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (another run, or files we keep) or gone
+
+
+def _next_version(root: Path) -> int:
+    versions = [int(p.name[8:]) for p in root.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def claim(trainer) -> Claim:
+    """Rank 0: probe the root, take the checkpoint locks, pick the version folder (see the module docstring).
+    Other ranks: take the version rank 0 picked, when it was passed on. On an error, what was taken is given
+    back before it propagates."""
+    taken = Claim(trainer)
+    logger = _versioned_logger(trainer)
+    if not trainer.is_global_zero:
+        passed = os.environ.get(VERSION_ENV, "")
+        root, _, version = passed.rpartition("|")
+        if logger is not None and logger_version(logger) is None and version.isdigit():
+            if os.path.abspath(logger.root_dir) == root:
+                set_logger_version(logger, int(version))
+        return taken
+    try:
+        taken.created += _writable(Path(trainer.default_root_dir).absolute(), "--trainer.default_root_dir")
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, XRightCheckpoint):
+                cb.lock_folder(trainer)
+                taken.locked.append(cb)
+        if logger is not None and logger_version(logger) is None:
+            root = Path(logger.root_dir).absolute()
+            created = missing_dirs(root)
+            root.mkdir(parents=True, exist_ok=True)
+            taken.created = created + taken.created
+            n = _next_version(root)
+            while True:
+                try:
+                    (root / f"version_{n}").mkdir()
+                    break
+                except FileExistsError:
+                    n += 1  # another run took it between the listing and the mkdir
+            taken.version_dir = root / f"version_{n}"
+            set_logger_version(logger, n)
+            os.environ[VERSION_ENV] = f"{root}|{n}"
+    except BaseException:
+        release(taken, failed=True)
+        raise
+    _active.append(taken)
+    return taken
+
+
+_active: list[Claim] = []
+
+
+@contextmanager
+def released_on_failure() -> Iterator[None]:
+    """Around a command: every :func:`claim` made inside is released when it ends, as failed if it raised
+    (also for SIGTERM/Ctrl-C and ``SystemExit``)."""
+    start = len(_active)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        while len(_active) > start:
+            release(_active.pop(), failed=failed)
+
+
+def release(taken: Claim | None, failed: bool) -> None:
+    """After ``fit``: on a failure before the first optimizer step, remove what :func:`claim` created; always
+    give the locks back (Lightning's teardown has already done so when ``fit`` ran)."""
+    if taken is None:
+        return
+    if taken.version_dir is not None:
+        os.environ.pop(VERSION_ENV, None)
+    trained = getattr(taken.trainer, "global_step", 0) > 0
+    for cb in taken.locked:
+        cb.unlock()
+    if failed and not trained:
+        if taken.version_dir is not None:
+            shutil.rmtree(taken.version_dir, ignore_errors=True)
+        _remove_empty(taken.created)

@@ -89,3 +89,11 @@ class HoldAt(Callback):
         deadline = time.monotonic() + 900
         while not Path(self.release).exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class SignalAtTrainEnd(Callback):
+    """Send SIGTERM to this process in ``on_train_end`` (after the last optimizer step, while the end-of-run hooks
+    run)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)

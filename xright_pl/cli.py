@@ -14,8 +14,8 @@ import sys
 from argparse import ArgumentError
 from collections.abc import Callable
 
-from lightning.pytorch.callbacks import ProgressBar
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from xright_pl.callbacks import RunSummary

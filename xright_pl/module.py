@@ -137,6 +137,8 @@ class XRightModule(pl.LightningModule):
         problems.extend(_preference_loss_problems(loss_type, label_smoothing, simpo_gamma, precompute_reference_logps))
         problems.extend(optimizer_problems(optimizer))
         if problems:
+            if len(problems) == 1:
+                raise ConfigError(f"invalid XRightModule setting: {problems[0]}")
             raise ConfigError("Invalid XRightModule settings:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters(ignore=["selector", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False

@@ -78,6 +78,7 @@ class _State:
         self.previous: dict[int, Any] = {}
         self.deferring = False  # inside the training loop, outside validation: wait for the step boundary
         self.pending: int | None = None
+        self.finishing = False  # the last optimizer step is done: the end-of-run hooks are running
         self.trainer: pl.Trainer | None = None
         self.phase = "start-up (configuration, model and data loading)"
         self.resume_command: Callable[[str], str] | None = None
@@ -98,13 +99,13 @@ def _handler(signum: int, frame: Any) -> None:
         return
     if st.deferring and not (signum == signal.SIGINT and st.pending == signal.SIGINT):
         if st.pending is None:
+            again = " (Ctrl-C again stops at once, without saving)" if signum == 2 else ""
+            if st.finishing:
+                text = "training is complete: finishing the end-of-run hooks (final checkpoint, summary), then exiting"
+            else:
+                text = "finishing the current optimizer step, then saving last.ckpt and stopping"
             # os.write, not print: the main thread may be inside a write to stderr (progress bar) right now.
-            os.write(
-                2,
-                f"\nxright_pl: received {signal_name(signum)}: finishing the current optimizer step, then saving"
-                f" last.ckpt and stopping{' (Ctrl-C again stops at once, without saving)' if signum == 2 else ''}"
-                ".\n".encode(),
-            )
+            os.write(2, f"\nxright_pl: received {signal_name(signum)}: {text}{again}.\n".encode())
         st.pending = max(st.pending or 0, int(signum))
         _forward(signum)
         forget_sigterm(st.trainer)  # Lightning would stop after this micro-batch, mid-accumulation
@@ -256,21 +257,21 @@ class StopOnSignal(Callback):
         _STATE.phase = "setup"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or _STATE.trainer is not trainer:
-            return
+        if trainer.sanity_checking or _STATE.trainer is not trainer or _STATE.finishing:
+            return  # (the last step's validation is part of the end of the run: a signal waits for its end)
         _STATE.deferring = False
         _STATE.phase = f"the validation at step {trainer.global_step}"
         if _STATE.pending is not None:  # arrived after the step's end, before the validation: stop before it
             raise Interrupted(_STATE.pending, _immediate_message(_STATE.pending))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or _STATE.trainer is not trainer:
+        if trainer.sanity_checking or _STATE.trainer is not trainer or _STATE.finishing:
             return
         _STATE.deferring = True
         _STATE.phase = f"training (step {trainer.global_step})"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _STATE.deferring = False
+        _STATE.deferring = _STATE.finishing  # after the last step: the end-of-run hooks finish (see above)
         _STATE.phase = "the end of training"
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -291,6 +292,7 @@ class StopOnSignal(Callback):
                 originals[s] = _STATE.previous[s] if _STATE.previous[s] is not None else signal.SIG_DFL
         self._requeue_requested = False
         _STATE.deferring = False
+        _STATE.finishing = False
         _STATE.pending = None
         if self._requeue_signal is not None and threading.current_thread() is threading.main_thread():
             previous = _STATE.previous.pop(self._requeue_signal, None)
@@ -313,6 +315,12 @@ class StopOnSignal(Callback):
         _STATE.phase = f"training (step {trainer.global_step})"
         if signum:
             self._save_and_stop(trainer, signum, requeue)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # The last step: a signal from now on lets the end-of-run hooks (the final checkpoint, the summary, the
+            # export: collectives some of them) finish on every rank; stopping one rank inside them would leave the
+            # others waiting in a collective. The run then exits normally: its steps are all done and saved.
+            _STATE.finishing = True
+            _STATE.phase = "the end of training"
 
     def _save_and_stop(self, trainer: pl.Trainer, signum: int, requeue: bool = False) -> None:
         _STATE.phase = f"the checkpoint at step {trainer.global_step}"

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,8 +59,14 @@ def _writable(folder: Path, what: str) -> list[Path]:
     """Create ``folder`` (and its missing parents) and write a probe file in it; returns the folders created."""
     created = missing_dirs(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".xright_probe_", dir=folder)
+        for attempt in range(3):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".xright_probe_", dir=folder)
+                break
+            except FileNotFoundError:  # a refused run removed the folder it had just created: create it again
+                if attempt == 2:
+                    raise
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -143,6 +151,20 @@ def released_on_failure() -> Iterator[None]:
             release(_active.pop(), failed=failed)
 
 
+def end_children(trainer, grace_s: float = 20.0) -> None:
+    """After a failed ``fit`` on this process: end the DDP processes it started. Each gets ``grace_s`` seconds to
+    end by itself (a SIGTERM stops every rank at the same step); one still running is then waiting in a collective
+    that this process will never join, and is killed, instead of hanging until the backend's timeout."""
+    procs = list(getattr(getattr(getattr(trainer, "strategy", None), "launcher", None), "procs", None) or [])
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def release(taken: Claim | None, failed: bool) -> None:
     """After ``fit``: on a failure before the first optimizer step, remove what :func:`claim` created; always
     give the locks back (Lightning's teardown has already done so when ``fit`` ran)."""
@@ -151,6 +173,8 @@ def release(taken: Claim | None, failed: bool) -> None:
     if taken.version_dir is not None:
         os.environ.pop(VERSION_ENV, None)
     trained = getattr(taken.trainer, "global_step", 0) > 0
+    if failed:
+        end_children(taken.trainer)
     for cb in taken.locked:
         cb.unlock()
     if failed and not trained:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -188,3 +189,134 @@ def test_typo_in_a_config_file_names_the_key_and_the_closest_option(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config)])
     assert "unknown option 'model.lamda'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ start-up: nothing written
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.optimizer.init_args.lr", "-1"],
+         ["--model.optimizer.init_args.lr", "torch.optim.adamw.AdamW", "Invalid learning rate: -1"]),
+        (["--trainer.max_step", "10"], ["unknown option 'trainer.max_step'", "Did you mean trainer.max_steps"]),
+        (["--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+         ["--trainer.strategy ddp_spawn is not supported", "use --trainer.strategy ddp"]),
+    ],
+)  # fmt: skip
+def test_start_up_errors_are_one_line_and_write_nothing(args, expected, tmp_path, capsys):
+    root = tmp_path / "root"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(root), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xright_pl: error:") and len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    assert not root.exists()
+
+
+def test_a_root_below_a_regular_file_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(afile / "sub")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trainer.default_root_dir" in err and "Not a directory" in err, err
+
+
+def _read_only_mount_available(folder: Path) -> bool:
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def test_a_read_only_root_is_one_line_before_anything_runs(tmp_path):
+    """A read-only mount (a private mount namespace; root ignores permission bits, so chmod would not do)."""
+    import shutil
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if not shutil.which("unshare") or not _read_only_mount_available(mount):
+        if os.geteuid() == 0:
+            pytest.skip("no private read-only mount here (unshare -m)")
+        mount.chmod(0o555)
+        prefix: list[str] = []
+    else:
+        remount = f'mount --bind {mount} {mount} && mount -o remount,bind,ro {mount} && "$@"'
+        prefix = ["unshare", "-m", "sh", "-c", remount, "sh"]
+    cmd = [sys.executable, "-m", "xright_pl", "fit", "--config", "configs/demo.yaml"]
+    proc = subprocess.run(
+        [*prefix, *cmd, "--trainer.default_root_dir", str(mount / "run")],
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("xright_pl: error:")]
+    assert len(err) == 1 and "--trainer.default_root_dir" in err[0], proc.stderr[-3000:]
+    assert "Read-only file system" in err[0] or "Permission denied" in err[0]
+    assert "Traceback" not in proc.stderr
+    assert not any(mount.iterdir())
+
+
+def test_a_failed_start_leaves_no_version_folder(tmp_path, capsys):
+    """A run refused after the logger's folder was picked (bad data at setup) removes it again."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')  # no output field
+    root = tmp_path / "root"
+    (root / "lightning_logs" / "version_0").mkdir(parents=True)  # an earlier run's folder is kept
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(root),
+              "--data.sft.path", str(bad)])  # fmt: skip
+    assert e.value.code == 2
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
+    assert not (root / "checkpoints").exists()
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from xright_pl.cli import main
+go = Path(sys.argv[1])
+while not go.exists():  # both processes are imported and waiting: they start their fits together
+    time.sleep(0.005)
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_two_runs_started_together_on_one_root_keep_their_own_config(attempt, tmp_path):
+    """Two fits on one default_root_dir at the same moment (lam 0.3 and 0.7): one may be refused by the lock (exit
+    2, having written nothing), or both may run one after the other; never does one run's config.yaml, hparams.yaml
+    or summary.json say another's lam, and no empty version folder is left."""
+    root, go = tmp_path / "root", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("XRIGHT_PL_RUN_VERSION", None)
+    procs = {}
+    for lam in ("0.3", "0.7"):
+        args = ["fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(root), "--model.lam", lam,
+                "--summary.print_table", "false", *SMALL]  # fmt: skip
+        procs[lam] = subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(go), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    go.touch()
+    results = {lam: (p.wait(timeout=1800), p.stderr.read()) for lam, p in procs.items()}
+    for p in procs.values():
+        p.stdout.close()
+        p.stderr.close()
+    finished = [lam for lam, (rc, _) in results.items() if rc == 0]
+    for rc, err in results.values():
+        assert rc in (0, 2), err[-3000:]
+        if rc == 2:
+            assert "is in use by another run" in err and "Traceback" not in err, err[-3000:]
+    assert finished, results
+    folders = sorted((root / "lightning_logs").iterdir())
+    assert len(folders) == len(finished)  # one folder per run that ran; none left by a refused one
+    seen = set()
+    for folder in folders:
+        lam = yaml.safe_load((folder / "config.yaml").read_text())["model"]["lam"]
+        assert yaml.safe_load((folder / "hparams.yaml").read_text())["lam"] == lam
+        assert json.loads((folder / "summary.json").read_text())["lam"] == lam
+        seen.add(lam)
+    assert seen == {float(lam) for lam in finished}

@@ -99,7 +99,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics")},
     {"inference": ("generate", "judge", "export")},
     {"callbacks": ("callbacks", "checkpoint", "trajectory", "progress", "signals", "eval_callback")},
-    {"commands": ("cli", "commands", "__main__", "")},  # "": the package's __init__ (its public names)
+    {"commands": ("cli", "startup", "commands", "__main__", "")},  # "": the package's __init__ (its public names)
 ]
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from xright_pl.lightning_private import PRIVATE_MEMBERS
@@ -57,7 +59,23 @@ def instances(tmp_path_factory) -> dict[str, object]:
         "lightning.pytorch.trainer.connectors.signal_connector._SignalConnector": _SignalConnector(trainer),
         "lightning.pytorch.callbacks.ModelCheckpoint": ModelCheckpoint(),
         "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop": trainer.fit_loop.epoch_loop,
+        "lightning.pytorch.loggers.TensorBoardLogger": TensorBoardLogger(tmp_path_factory.mktemp("tb")),
+        "lightning.pytorch.loggers.CSVLogger": CSVLogger(tmp_path_factory.mktemp("csv")),
+        "lightning.pytorch.strategies.DDPStrategy": DDPStrategy(start_method="spawn"),
     }
+
+
+def test_logger_version_and_spawn_detection(tmp_path):
+    """``set_logger_version`` names the folder the logger writes to; ``spawns_processes`` tells ddp_spawn apart."""
+    from xright_pl.lightning_private import logger_version, set_logger_version, spawns_processes
+
+    for logger in (TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")):
+        assert logger_version(logger) is None
+        set_logger_version(logger, 7)
+        assert logger.version == 7 and logger.log_dir.endswith("version_7")
+    spawned = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    launched = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert spawns_processes(spawned) and not spawns_processes(launched)
 
 
 @pytest.mark.parametrize(

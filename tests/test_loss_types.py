@@ -144,3 +144,23 @@ def test_ipo_with_precomputed_reference(tmp_path):
     assert module.reference is None and module.reference_released
     assert first.first == pytest.approx(25.0, abs=1e-3)
     assert math.isfinite(t.callback_metrics["val/dpo_loss"].item())
+
+
+def test_ipo_divides_by_the_scored_tokens_when_the_response_starts_at_position_0():
+    """A response with no prompt and no BOS (labels ``[5, 6, 7]``): position 0 has no context, so 2 tokens are
+    scored, not 3 (TRL's completion length before the shift). Hand-worked, beta 0.5 (target ``1/(2 beta) = 1``):
+    summed log-ratios ``pc - rc = 1.0`` and ``pr - rr = -1.0`` over 2 scored tokens each give
+    ``h_avg = 0.5 - (-0.5) = 1.0`` and loss ``(1.0 - 1)^2 = 0``; dividing by 3 would give
+    ``h_avg = 2/3`` and loss ``(2/3 - 1)^2 = 1/9``."""
+    from xright_pl.losses import ipo_loss, sequence_logps
+
+    labels = torch.tensor([[5, 6, 7]])
+    seq = sequence_logps(torch.randn(1, 3, 11), labels)
+    assert seq.num_tokens.tolist() == [2]
+    n = seq.num_tokens.repeat(1)
+    t = torch.tensor
+    out = ipo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), 0.5, chosen_tokens=n, rejected_tokens=n)
+    assert out.losses.item() == pytest.approx(0.0, abs=1e-12)
+    three = torch.tensor([3])
+    out3 = ipo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), 0.5, chosen_tokens=three, rejected_tokens=three)
+    assert out3.losses.item() == pytest.approx(1 / 9, rel=1e-6)

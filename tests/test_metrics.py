@@ -173,3 +173,23 @@ def test_trajectory_without_matplotlib(tmp_path, monkeypatch, caplog):
     summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
     assert summary["trajectory_png"] is None
     assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_trajectory_axes_each_readable():
+    """The demo's shape: f_sft falls from 4.3 to 0.4 (log axis), f_dpo stays within a decade (0.13-0.35: linear).
+    Every axis shows at least two numbers inside the data's range."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from xright_pl.optimum import Optimum
+    from xright_pl.trajectory import plot_trajectory
+
+    points = [(0, 4.3, 0.35), (200, 1.2, 0.2), (400, 0.6, 0.15), (600, 0.45, 0.13)]
+    fig = plot_trajectory(points, Optimum(f_sft=0.4, f_dpo=0.12, source="test"))
+    FigureCanvasAgg(fig).draw()
+    (ax,) = fig.axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "linear")
+    for axis, lo, hi in ((ax.xaxis, 0.4, 4.3), (ax.yaxis, 0.12, 0.35)):
+        labels = [t for t in axis.get_majorticklabels() if t.get_text()]
+        inside = [t for t in labels if lo <= t.get_position()[0 if axis is ax.xaxis else 1] <= hi]
+        assert len(inside) >= 2, [t.get_text() for t in labels]

@@ -18,9 +18,9 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from xright_pl import startup
 from xright_pl.callbacks import RunSummary
 from xright_pl.commandline import running
-from xright_pl.commands import startup
 from xright_pl.data.module import JointDataModule
 from xright_pl.errors import ConfigError, XRightError
 from xright_pl.lightning_private import spawns_processes

@@ -311,10 +311,14 @@ def sigmoid_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
 ) -> DPOOutput:
-    """Sigmoid DPO, optionally with label smoothing ``eps`` (conservative DPO; TRL ``loss_type="sigmoid"``).
+    """Sigmoid DPO, optionally with label smoothing ``eps``: conservative DPO (cDPO, Mitchell 2023).
 
     ``losses = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``. With ``eps == 0`` this *is*
-    :func:`dpo_loss` (the same call, bit-identical). Rewards ``beta * (pc - rc)``, ``beta * (pr - rr)``.
+    :func:`dpo_loss` (the same call, bit-identical) and equals TRL's ``DPOTrainer`` ``loss_type="sigmoid"``.
+    With ``eps > 0`` it is the conservative-DPO formula, as TRL's ``CPOTrainer`` computes it (``cpo_loss``,
+    ``loss_type="sigmoid"``); TRL 1.16's ``DPOTrainer`` sigmoid loss ignores ``label_smoothing`` (its config
+    applies it to ``robust`` and ``exo_pair`` only), so there is no ``DPOTrainer`` setting equal to ``eps > 0``.
+    Rewards ``beta * (pc - rc)``, ``beta * (pr - rr)``.
     ``chosen_tokens``, ``rejected_tokens`` and ``simpo_gamma`` are not used.
     """
     _need("sigmoid", ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
@@ -402,6 +406,11 @@ def ipo_loss(
     this normalised form. It is followed here because with summed log-probs the squared loss and its target
     ``1 / (2 beta)`` scale with the answer length, so one ``beta`` would mean different things for short and
     long answers. Token counts are clamped to >= 1 (an empty response gives its summed log-ratio, 0).
+
+    ``nc``/``nr`` are the **scored** token counts: the positions whose log-probs make ``pc``/``pr``
+    (:func:`sequence_logps`' ``num_tokens``), so ``h_avg`` is the mean log-ratio of exactly the tokens summed.
+    TRL divides by the completion's length before the shift; the two differ by one when a response starts at
+    position 0 (an empty prompt without BOS: that first token has no context and is never scored).
     Rewards stay ``beta * (pc - rc)``, ``beta * (pr - rr)`` (summed, as for every reference loss).
     """
     _need(
@@ -480,7 +489,9 @@ class PreferenceLoss:
 
 #: The preference losses by name (``XRightModule(loss_type=...)``); "sigmoid" (DPO) is the default.
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(sigmoid_loss, True, True, "-(1-eps) logsig(b h) - eps logsig(-b h)", 'DPO "sigmoid"'),
+    "sigmoid": PreferenceLoss(
+        sigmoid_loss, True, True, "-(1-eps) logsig(b h) - eps logsig(-b h)", 'DPO "sigmoid" (eps 0); CPO "sigmoid"'
+    ),
     "ipo": PreferenceLoss(ipo_loss, True, False, "(h_avg - 1/(2b))^2, per-token log-ratios", 'DPO "ipo"'),
     "hinge": PreferenceLoss(hinge_loss, True, False, "relu(1 - b h)", 'DPO "hinge"'),
     "robust": PreferenceLoss(

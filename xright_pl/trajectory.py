@@ -75,6 +75,20 @@ def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
     return {k: float(m.compute()) for k, m in means.items() if m.update_count > 0}
 
 
+def _readable_scale(ax: Any, which: str, values: list[float]) -> None:
+    """Log scale on axis ``which`` when ``values`` span more than a decade, with numbers at 1, 2 and 5 times each
+    power of ten (a log axis labels only the powers, often one or none in the range); linear otherwise."""
+    if not values or min(values) <= 0 or max(values) / min(values) <= 10:
+        return
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_trajectory(
     points: list[tuple[int, float, float]],
     optimum: Optimum | None = None,
@@ -96,15 +110,11 @@ def plot_trajectory(
     if optimum is not None:
         ax.plot(optimum.f_sft, optimum.f_dpo, "*", color="tab:red", ms=14, label="ideal (f_sft*, f_dpo*)")
     if points and (optimum is not None or len(points) > 1):
-        # Log axes keep the start (often 10x the end) and the ideal point readable in one picture.
-        all_vals = xs + ys + ([optimum.f_sft, optimum.f_dpo] if optimum is not None else [])
-        if min(all_vals) > 0 and max(all_vals) / min(all_vals) > 10:  # within a decade a log axis has no labels
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on short decades
+        # A log axis keeps the start (often 10x the end) and the ideal point readable in one picture; each axis
+        # decides for itself, so that one spanning less than a decade stays linear (a log axis there has no labels).
+        extra = (optimum.f_sft, optimum.f_dpo) if optimum is not None else (None, None)
+        _readable_scale(ax, "x", xs + [v for v in extra[:1] if v is not None])
+        _readable_scale(ax, "y", ys + [v for v in extra[1:] if v is not None])
     ax.set_xlabel(f"f_{axes[0]} (val/{axes[0]}_loss)")
     ax.set_ylabel(f"f_{axes[1]} (val/{axes[1]}_loss)")
     ax.set_title(title or "trade-off trajectory")

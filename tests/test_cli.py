@@ -72,6 +72,20 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert "--model.lam" in out and "weight of the DPO objective" in out
     assert "--data.sft.path" in out
+    # the attribute docstrings of the data classes are the options' help
+    assert "Local .json/.jsonl/.parquet file" in " ".join(out.split())
+    assert "sft_batch_size" in out and "SFT sequences per micro-batch" in " ".join(out.split())
+
+
+def test_top_level_help_lists_every_command(capsys):
+    run(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m xright_pl <command>")
+    for command in ("fit", "validate", *EXTRA_COMMANDS):
+        assert f"\n  {command} " in out, command
+    with pytest.raises(SystemExit) as e:
+        run([])
+    assert e.value.code == 2 and "usage: python -m xright_pl" in capsys.readouterr().err
 
 
 def test_user_error_is_one_paragraph_without_traceback(tmp_path):
@@ -301,10 +315,10 @@ def test_two_runs_started_together_on_one_root_keep_their_own_config(attempt, tm
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
     go.touch()
-    results = {lam: (p.wait(timeout=1800), p.stderr.read()) for lam, p in procs.items()}
-    for p in procs.values():
-        p.stdout.close()
-        p.stderr.close()
+    results = {}
+    for lam, p in procs.items():
+        _, err = p.communicate(timeout=1800)  # reads both pipes: a chatty child never blocks on a full pipe
+        results[lam] = (p.returncode, err)
     finished = [lam for lam, (rc, _) in results.items() if rc == 0]
     for rc, err in results.values():
         assert rc in (0, 2), err[-3000:]

@@ -9,10 +9,12 @@ import inspect
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from xright_pl.lightning_private import PRIVATE_MEMBERS
@@ -32,6 +34,7 @@ SIGNATURES = {
     ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path"): [],
     ("lightning.pytorch.cli.LightningCLI", "_parser"): ["subcommand"],
     ("lightning.pytorch.cli.LightningCLI", "_get"): ["config", "key", "default"],
+    ("lightning.pytorch.cli.LightningCLI", "_run_subcommand"): ["subcommand"],
 }
 
 
@@ -62,6 +65,9 @@ def instances(tmp_path_factory) -> dict[str, object]:
         "lightning.pytorch.loggers.TensorBoardLogger": TensorBoardLogger(tmp_path_factory.mktemp("tb")),
         "lightning.pytorch.loggers.CSVLogger": CSVLogger(tmp_path_factory.mktemp("csv")),
         "lightning.pytorch.strategies.DDPStrategy": DDPStrategy(start_method="spawn"),
+        "lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher": (
+            _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+        ),
     }
 
 

@@ -15,30 +15,63 @@ from pathlib import Path
 import xright_pl
 
 COLLECTIVES = {
-    "log_dir", "broadcast", "barrier", "reduce_boolean_decision", "all_gather", "all_reduce", "save_checkpoint",
+    "log_dir", "broadcast", "barrier", "reduce_boolean_decision", "all_gather", "all_reduce", "reduce",
+    "save_checkpoint", "save_last_checkpoint", "_save_last_checkpoint", "_save_topk_checkpoint", "check_agreement",
     "agree_run_dir", "weights_sha256",  # weights_sha256 gathers FSDP2 shards (full_tensor) on every rank
+    "full_tensor", "evaluate_losses",  # evaluate_losses runs the validation forwards (FSDP2 all-gathers)
 }  # fmt: skip
+#: Tests that select some ranks.
+RANK_TESTS = ("global_zero", "global_rank", "local_rank", "node_rank")
 
 
 def _mentions_rank(node: ast.AST) -> bool:
-    return any(isinstance(n, (ast.Attribute, ast.Name)) and "global_zero" in ast.unparse(n) for n in ast.walk(node))
+    names = (ast.unparse(n) for n in ast.walk(node) if isinstance(n, (ast.Attribute, ast.Name)))
+    return any(t in name for name in names for t in RANK_TESTS)
 
 
-def _collectives_in(nodes: list[ast.stmt]) -> list[tuple[int, str]]:
-    found = []
-    for stmt in nodes:
-        for n in ast.walk(stmt):
-            name = n.attr if isinstance(n, ast.Attribute) else n.id if isinstance(n, ast.Name) else None
-            if name in COLLECTIVES:
-                found.append((n.lineno, name))
-    return found
+def _name(n: ast.AST) -> str | None:
+    return n.attr if isinstance(n, ast.Attribute) else n.id if isinstance(n, ast.Name) else None
+
+
+def _names(node: ast.AST, calls: set[str] = frozenset()) -> list[tuple[int, str]]:
+    """``(line, name)`` of every collective in ``node``: a name of :data:`COLLECTIVES` anywhere (``log_dir`` is a
+    property), a name of ``calls`` where it is called (a local variable of the same name is no call)."""
+    out = []
+    for n in ast.walk(node):
+        if _name(n) in COLLECTIVES:
+            out.append((n.lineno, _name(n)))
+        elif isinstance(n, ast.Call) and _name(n.func) in calls:
+            out.append((n.lineno, _name(n.func)))
+    return out
+
+
+def collective_functions(tree: ast.AST) -> set[str]:
+    """The functions and methods of a module that reach a collective, directly or through another function of
+    the same module (by name: ``self.run_dir(...)`` reaching ``trainer.log_dir``)."""
+    bodies = {fn.name: fn for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    reach: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, fn in bodies.items():
+            if name not in reach and any(n != name for _, n in _names(fn, reach)):
+                reach.add(name)
+                changed = True
+    return reach
+
+
+def _collectives_in(nodes: list[ast.stmt], reach: set[str]) -> list[tuple[int, str]]:
+    return [found for stmt in nodes for found in _names(stmt, reach)]
 
 
 def rank_only_collectives(source: str) -> list[tuple[int, str]]:
-    """``(line, name)`` of every collective reached on some ranks only: in the body of an ``if`` that tests
-    ``is_global_zero``, or after an ``if ...is_global_zero...: return`` guard in the same block."""
+    """``(line, name)`` of every collective reached on some ranks only: in the body of an ``if`` that tests the
+    rank (``is_global_zero``, ``global_rank``, ...), or after an ``if ...: return`` guard on it in the same block;
+    calls of the module's own functions that reach one count too (:func:`collective_functions`)."""
     found = []
-    for fn in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    reach = collective_functions(tree)
+    for fn in ast.walk(tree):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         blocks = [fn.body]
@@ -47,10 +80,10 @@ def rank_only_collectives(source: str) -> list[tuple[int, str]]:
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.If) and _mentions_rank(stmt.test):
                     if stmt.body and isinstance(stmt.body[-1], ast.Return):
-                        found += _collectives_in(body[i + 1 :])  # the rest of the block runs on some ranks only
-                        found += _collectives_in(stmt.body)
+                        found += _collectives_in(body[i + 1 :], reach)  # the rest runs on some ranks only
+                        found += _collectives_in(stmt.body, reach)
                         break
-                    found += _collectives_in(stmt.body) + _collectives_in(stmt.orelse)
+                    found += _collectives_in(stmt.body, reach) + _collectives_in(stmt.orelse, reach)
                     continue
                 for field in ("body", "orelse", "finalbody"):
                     inner = getattr(stmt, field, None)
@@ -70,7 +103,8 @@ def test_no_rank_only_collective_in_the_package():
 
 
 def test_the_check_finds_the_pattern_of_issue_19():
-    """The end-of-run hook as it was: a guard, then ``trainer.log_dir``; and a broadcast inside an ``if``."""
+    """The end-of-run hooks as they were: a guard, then ``trainer.log_dir`` (directly, or through a method of the
+    same module, as ``RunSummary.run_dir``); and a broadcast inside an ``if``."""
     before = """
 def on_train_end(self, trainer, pl_module):
     if not self.enabled or not trainer.is_global_zero or not self.points:
@@ -82,5 +116,14 @@ def other(trainer):
     if trainer.is_global_zero:
         path = trainer.strategy.broadcast(path)
     trainer.strategy.barrier()
+
+class Summary:
+    def run_dir(self, trainer):
+        return trainer.log_dir or trainer.default_root_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        path = self.run_dir(trainer)
 """
-    assert rank_only_collectives(before) == [(5, "log_dir"), (10, "broadcast")]
+    assert rank_only_collectives(before) == [(5, "log_dir"), (10, "broadcast"), (20, "run_dir")]

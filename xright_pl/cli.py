@@ -61,9 +61,20 @@ class XRightCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
-        startup.claim(self.trainer)  # lock, version folder, write probe: before anything of the run is written
+        self._claim = startup.claim(self.trainer)  # lock, version folder, write probe: before anything is written
         if not any(isinstance(c, StopOnSignal) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(StopOnSignal())  # last.ckpt at the step boundary on SIGTERM / Ctrl-C
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The command, then what ``fit`` claimed given back (removed too when it failed before training)."""
+        self._claim = None
+        failed = True
+        try:
+            super()._run_subcommand(subcommand)
+            failed = False
+        finally:
+            startup.release(self._claim, failed=failed)
+            self._claim = None
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's model settings when resuming. (LightningCLI would replace them with the
@@ -117,14 +128,17 @@ def run(args: list[str] | None = None) -> object:
     argv = list(sys.argv[1:] if args is None else args)
     # `--help` shows the attribute docstrings of the data classes (--data.sft.*, --model.lora.*, ...).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)  # as argparse does for a missing command
+    if argv[0] in ("-h", "--help"):
         print(usage())
         return None
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
         return CLI(_extra_command(argv[0]), args=argv[1:], as_positional=False)
-    with stop_on_signals(argv if argv and argv[0] == "fit" else None), running(argv), startup.released_on_failure():
+    with stop_on_signals(argv if argv and argv[0] == "fit" else None), running(argv):
         return _lightning_cli(args)
 
 

@@ -35,6 +35,8 @@ PRIVATE_MEMBERS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.loggers.TensorBoardLogger", "_version"),
     ("lightning.pytorch.loggers.CSVLogger", "_version"),
     ("lightning.pytorch.strategies.DDPStrategy", "_start_method"),
+    ("lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher", "procs"),
+    ("lightning.pytorch.cli.LightningCLI", "_run_subcommand"),
 )
 
 
@@ -100,3 +102,10 @@ def spawns_processes(trainer: pl.Trainer) -> bool:
 
     strategy = trainer.strategy
     return isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", None) in ("spawn", "forkserver")
+
+
+def launched_processes(trainer: pl.Trainer) -> list:
+    """The processes (``subprocess.Popen``) this process's DDP launcher started (``ddp``: ranks > 0); [] for none.
+    (The launcher class is private; its ``procs`` list is what Lightning itself kills on Ctrl-C.)"""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return list(getattr(launcher, "procs", None) or [])

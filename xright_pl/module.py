@@ -688,9 +688,9 @@ def optimizer_problems(optimizer: Any) -> list[str]:
     except (ValueError, TypeError) as e:
         message = str(e).strip().rstrip(".")
         arg = next((a for words, a in _OPTIMIZER_ARGS if words in message.lower()), None)
-        option = f"--model.optimizer.init_args.{arg}" if arg else "--model.optimizer"
-        name = _class_name(optimizer)
-        return [f"{option}: the optimizer ({name}) refuses it: {message}"]
+        if arg is None:
+            return []  # not about a setting (e.g. Muon takes 2-D parameters only): checked when the run builds it
+        return [f"--model.optimizer.init_args.{arg}: the optimizer ({_class_name(optimizer)}) refuses it: {message}"]
     except Exception:  # an optimizer that cannot be built on a dummy parameter: it is checked when the run builds it
         return []
     return []

@@ -315,10 +315,11 @@ class StopOnSignal(Callback):
         _STATE.phase = f"training (step {trainer.global_step})"
         if signum:
             self._save_and_stop(trainer, signum, requeue)
-        if 0 < trainer.max_steps <= trainer.global_step:
-            # The last step: a signal from now on lets the end-of-run hooks (the final checkpoint, the summary, the
-            # export: collectives some of them) finish on every rank; stopping one rank inside them would leave the
-            # others waiting in a collective. The run then exits normally: its steps are all done and saved.
+        if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+            # The last step (max_steps, or the module's own end, e.g. Sequential's last stage, which every rank
+            # reaches at the same step): a signal from now on lets the end-of-run hooks (the final checkpoint, the
+            # summary, the export: collectives some of them) finish on every rank; stopping one rank inside them
+            # would leave the others waiting in a collective. The run then exits normally: its steps are all done.
             _STATE.finishing = True
             _STATE.phase = "the end of training"
 

@@ -4,48 +4,68 @@ Two runs started at the same moment on one ``default_root_dir`` must not write i
 run that fails its start-up checks must leave nothing behind. So, on rank 0, before Lightning writes anything
 (``config.yaml``, ``hparams.yaml``, the event file):
 
-1. the root is created and probed for writing (a read-only mount, or a path below a regular file, is one clear
-   :class:`~xright_pl.errors.ConfigError`, not a traceback from the logger);
+1. the root (and the logger's folder) is created and probed for writing: a read-only mount, or a path below a
+   regular file, is one clear :class:`~xright_pl.errors.ConfigError`, not a traceback from the logger;
 2. each :class:`~xright_pl.checkpoint.XRightCheckpoint` takes its folder's lock (the second run is refused here,
    having written nothing);
 3. the logger's ``version_N`` folder is picked atomically (``mkdir`` either creates it or fails because another
-   run did: then ``N + 1``), and the logger is given that version. The other processes of a DDP run (started by
-   Lightning from this one) read it from ``XRIGHT_PL_RUN_VERSION``.
+   run did: then ``N + 1``), and the logger is given that version. The other processes of a DDP run that
+   Lightning starts from this one read it from ``XRIGHT_PL_RUN_VERSION`` (ranks started otherwise, by torchrun or
+   SLURM, get the folder from rank 0 at ``setup``: :func:`xright_pl.distributed.agree_run_dir`).
 
-If ``fit`` then fails before its first optimizer step, :func:`release` removes the version folder and the folders
-this run created, and gives the lock back. Nothing here is a collective: it runs on some ranks only.
+If ``fit`` then fails before training starts (``on_train_start``: after the checkpoint was restored and the data
+were loaded), :func:`release` removes the version folder's files that the start wrote and the folders this run
+created, and gives the lock back. Nothing here is a collective: it runs on some ranks only. Remote roots
+(``s3://...``) are left to Lightning.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 from xright_pl.checkpoint import XRightCheckpoint, missing_dirs
 from xright_pl.errors import ConfigError
-from xright_pl.lightning_private import logger_version, set_logger_version
+from xright_pl.lightning_private import launched_processes, logger_version, set_logger_version
 
 #: ``<logger root>|<version>`` of the run being started, for the other processes of a DDP run.
 VERSION_ENV = "XRIGHT_PL_RUN_VERSION"
+#: What a run's start writes into its version folder (removed again when the start fails).
+START_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
 
 
 @dataclass
 class Claim:
     """What :func:`claim` took for one ``fit``: folders it created (deepest first), the version folder, the
-    checkpoint callbacks whose lock it holds."""
+    checkpoint callbacks whose lock it holds, and whether training started."""
 
     trainer: Any
     created: list[Path] = field(default_factory=list)
     version_dir: Path | None = None
     locked: list[XRightCheckpoint] = field(default_factory=list)
+    started: bool = False
+
+
+class _TrainingStarted(Callback):
+    """Marks the claim once training starts: from then on a failure keeps the run's folder (its logs, its
+    checkpoints) for diagnosis."""
+
+    def __init__(self, taken: Claim) -> None:
+        self.taken = taken
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.taken.started = True
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(path))  # normalised (``..`` collapsed), the same on every rank
 
 
 def _versioned_logger(trainer) -> Any | None:
@@ -98,25 +118,25 @@ def claim(trainer) -> Claim:
     Other ranks: take the version rank 0 picked, when it was passed on. On an error, what was taken is given
     back before it propagates."""
     taken = Claim(trainer)
+    trainer.callbacks.append(_TrainingStarted(taken))
     logger = _versioned_logger(trainer)
+    if "://" in str(trainer.default_root_dir):
+        return taken  # a remote root: Lightning's own handling
     if not trainer.is_global_zero:
-        passed = os.environ.get(VERSION_ENV, "")
-        root, _, version = passed.rpartition("|")
+        root, _, version = os.environ.get(VERSION_ENV, "").rpartition("|")
         if logger is not None and logger_version(logger) is None and version.isdigit():
-            if os.path.abspath(logger.root_dir) == root:
+            if str(_absolute(logger.root_dir)) == root:
                 set_logger_version(logger, int(version))
         return taken
     try:
-        taken.created += _writable(Path(trainer.default_root_dir).absolute(), "--trainer.default_root_dir")
+        taken.created += _writable(_absolute(trainer.default_root_dir), "--trainer.default_root_dir")
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, XRightCheckpoint):
                 cb.lock_folder(trainer)
                 taken.locked.append(cb)
-        if logger is not None and logger_version(logger) is None:
-            root = Path(logger.root_dir).absolute()
-            created = missing_dirs(root)
-            root.mkdir(parents=True, exist_ok=True)
-            taken.created = created + taken.created
+        if logger is not None and logger_version(logger) is None and "://" not in str(logger.root_dir):
+            root = _absolute(logger.root_dir)
+            taken.created = _writable(root, "the logger's folder") + taken.created
             n = _next_version(root)
             while True:
                 try:
@@ -130,54 +150,46 @@ def claim(trainer) -> Claim:
     except BaseException:
         release(taken, failed=True)
         raise
-    _active.append(taken)
     return taken
-
-
-_active: list[Claim] = []
-
-
-@contextmanager
-def released_on_failure() -> Iterator[None]:
-    """Around a command: every :func:`claim` made inside is released when it ends, as failed if it raised
-    (also for SIGTERM/Ctrl-C and ``SystemExit``)."""
-    start = len(_active)
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        while len(_active) > start:
-            release(_active.pop(), failed=failed)
 
 
 def end_children(trainer, grace_s: float = 20.0) -> None:
     """After a failed ``fit`` on this process: end the DDP processes it started. Each gets ``grace_s`` seconds to
     end by itself (a SIGTERM stops every rank at the same step); one still running is then waiting in a collective
     that this process will never join, and is killed, instead of hanging until the backend's timeout."""
-    procs = list(getattr(getattr(getattr(trainer, "strategy", None), "launcher", None), "procs", None) or [])
     deadline = time.monotonic() + grace_s
-    for proc in procs:
+    for proc in launched_processes(trainer):
         try:
             proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt, Exception):  # a 2nd Ctrl-C: no more waiting
             proc.kill()
             proc.wait()
 
 
+def _remove_start_files(folder: Path) -> None:
+    """The files a start writes, then the folder if that emptied it (anything else in it is kept)."""
+    for pattern in START_FILES:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                path.unlink()
+    _remove_empty([folder])
+
+
 def release(taken: Claim | None, failed: bool) -> None:
-    """After ``fit``: on a failure before the first optimizer step, remove what :func:`claim` created; always
-    give the locks back (Lightning's teardown has already done so when ``fit`` ran)."""
+    """After ``fit``: on a failure before training started, remove what :func:`claim` and the start created;
+    always give the locks back (Lightning's teardown has already done so when ``fit`` ran). Never interrupted
+    half-way by a signal's exception."""
     if taken is None:
         return
-    if taken.version_dir is not None:
-        os.environ.pop(VERSION_ENV, None)
-    trained = getattr(taken.trainer, "global_step", 0) > 0
-    if failed:
-        end_children(taken.trainer)
-    for cb in taken.locked:
-        cb.unlock()
-    if failed and not trained:
+    try:
+        if failed:
+            end_children(taken.trainer)
+    finally:
         if taken.version_dir is not None:
-            shutil.rmtree(taken.version_dir, ignore_errors=True)
-        _remove_empty(taken.created)
+            os.environ.pop(VERSION_ENV, None)
+        for cb in taken.locked:
+            cb.unlock()
+        if failed and not taken.started:
+            if taken.version_dir is not None:
+                _remove_start_files(taken.version_dir)
+            _remove_empty(taken.created)

@@ -153,7 +153,7 @@ def test_bf16_weights_and_bf16_autocast_within_bf16_precision():
 
 
 def test_head_runs_on_scored_positions_only():
-    """The head sees one position per row (the model's own ``logits_to_keep=1``) and then exactly the scored
+    """The head sees one position per row (the model's own ``logits_to_keep=1``), then exactly the scored
     positions, in chunks; with the option off it sees every position."""
     model = build_causal_lm(None, NEOX)
     ids, mask, labels = batch()
@@ -162,7 +162,7 @@ def test_head_runs_on_scored_positions_only():
     handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1].numel()))
     with torch.no_grad():
         model_token_logps(model, ids, mask, labels, fused=True, chunk_size=7)
-        assert rows == [7] * (scored // 7) + ([scored % 7] if scored % 7 else []) + [ids.shape[0]]
+        assert rows == [ids.shape[0]] + [7] * (scored // 7) + ([scored % 7] if scored % 7 else [])
         rows.clear()
         model_token_logps(model, ids, mask, labels, fused=False)
     handle.remove()

@@ -5,10 +5,13 @@ ever holding the ``[N, T, V]`` logits or their gradient.
 policy's and the live reference's summed preference log-probs, MAXRIGHT's evaluation forwards, validation):
 
 1. The model runs as a whole (``model(..., logits_to_keep=1)``: its own head runs on one position per row), so
-   every wrapper's hooks fire as usual (FSDP2's unshard and its pre-backward hooks, peft's adapters). A forward
-   hook on the decoder (``model.get_decoder()``) takes its output, the final hidden states ``[N, T, H]``.
-2. Inside that hook (while FSDP2 holds the root unit's parameters unsharded) the hidden states of the positions
-   whose next token is scored (``labels[:, 1:] != IGNORE_INDEX``) are gathered, ``[M, H]``, and the output head
+   every wrapper's hooks fire as usual (FSDP2's unshard, peft's adapters). A forward hook on the decoder
+   (``model.get_decoder()``) keeps its output, the final hidden states ``[N, T, H]``.
+2. A forward hook on the model, placed before its other hooks, replaces the model's output by the log-probs, so
+   FSDP2 (whose post-forward hook comes next) sees them as the root unit's output and unshards the root's
+   parameters again when their gradient arrives, before the chunks are recomputed. In that hook (the root's
+   parameters still unsharded) the hidden states of the positions whose next token is scored
+   (``labels[:, 1:] != IGNORE_INDEX``) are gathered, ``[M, H]``, and the output head
    (``model.get_output_embeddings()``, called as a module) runs on chunks of ``chunk_size`` of them. Each chunk's
    log-sum-exp and picked logit give its tokens' log-probs (:func:`xright_pl.losses.label_logps`); under grad
    each chunk is checkpointed (``torch.utils.checkpoint``, non-reentrant): its logits are freed after the forward
@@ -21,12 +24,13 @@ not ``O(N * T * V)``; no head compute on prompt or padding positions. Cost: the 
 scored positions in a training step (forward, and again in the backward), against once on every position for
 the full logits: cheaper whenever about half or more of the positions are prompt or padding, about 1/3 more
 head compute when every position is scored. Under FSDP2 the head lives in the root unit (see
-:func:`xright_pl.distributed.fully_shard_model`), which stays unsharded from its forward to its backward, so
-the chunks add no communication; a head sharded as its own FSDP unit would be all-gathered once per chunk call
-(forward and recompute), which is why it is not.
+:func:`xright_pl.distributed.fully_shard_model`), all-gathered once for the forward and once for the backward
+(its pre-backward hook, before the first recomputed chunk), as with the full logits: the chunks add no
+communication. A head sharded as its own FSDP unit would be all-gathered at every chunk call (forward and
+recompute), which is why it is not.
 
 A model whose logits are not ``head(decoder(...).last_hidden_state)`` (a custom ``forward``, logit scaling or
-soft-capping, no ``logits_to_keep``) is found by :func:`fused_head_problem` (a probe on 8 tokens at start) and
+soft-capping, no ``logits_to_keep``) is found by :func:`fused_head_problem` (a probe on 8 tokens at the first use) and
 takes the full-logits path (:func:`xright_pl.losses.token_logps`).
 """
 
@@ -150,20 +154,27 @@ def model_token_logps(
     decoder, head = _decoder_and_head(model)
     mask = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][mask]
-    found: list[Tensor] = []
+    hidden: list[Tensor] = []
 
-    def score(module: nn.Module, args: Any, output: Any) -> None:
-        hidden = _last_hidden_state(output)[:, :-1]
-        found.append(head_token_logps(head, hidden[mask.to(hidden.device)], targets.to(hidden.device), chunk_size))
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        hidden.append(_last_hidden_state(output))
 
-    handle = decoder.register_forward_hook(score)
+    def score(module: nn.Module, args: Any, output: Any) -> Tensor:
+        # The model's output becomes the [N, T-1] log-probs. This hook runs before the model's other forward
+        # hooks (prepend): FSDP2's post-forward then sees the log-probs as the root unit's output and registers its
+        # pre-backward hook on them, which unshards the head's parameters again for the chunks' recompute.
+        if len(hidden) != 1:
+            raise RuntimeError(f"the decoder ran {len(hidden)} times in one forward of the model, expected once")
+        h = hidden.pop()[:, :-1]
+        flat = head_token_logps(head, h[mask.to(h.device)], targets.to(h.device), chunk_size)
+        return flat.new_zeros(mask.shape).masked_scatter(mask.to(flat.device), flat)
+
+    handles = [decoder.register_forward_hook(keep), model.register_forward_hook(score, prepend=True)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        logps = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     finally:
-        handle.remove()
-    if len(found) != 1:
-        raise RuntimeError(f"the decoder ran {len(found)} times in one forward of the model, expected once")
-    logps = found[0].new_zeros(mask.shape).masked_scatter(mask.to(found[0].device), found[0])
+        for handle in handles:
+            handle.remove()
     return logps, mask
 
 

@@ -13,8 +13,8 @@ clipping at 1.0.
 Models, random weights from the config (no download): the real SmolLM2-135M configuration (Llama, vocabulary
 49,152, 30 layers, hidden 576, tied embeddings) and the same body cut to 2 layers at a Llama-3 vocabulary
 (128,256), to show how each system scales with ``V``. ``--quick`` keeps the real vocabularies and width but runs
-the 2-layer body at both, with 2 pairs x 256 tokens, one warm-up and one measured step: under 5 minutes on 2 CPU
-cores.
+the 2-layer body at both, with 2 pairs x 256 tokens, one warm-up and one measured step, two measurements at a
+time (``--jobs 2``, one thread each): 8 CPU-minutes in all (measured), so about 4 minutes on 2 idle CPU cores.
 
 ``peak_memory_mb``: the peak resident set size of the process over the warm-up and measured steps (Linux
 ``VmHWM``, reset after the model, the data and the trainer are built); on a GPU ``torch.cuda.max_memory_allocated``
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,20 @@ def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]
     return json.loads(lines[-1])
 
 
+def _measured(spec: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """:func:`run_in_fresh_process`, logged to stderr; None when it failed."""
+    t0 = time.perf_counter()
+    row = run_in_fresh_process(spec, timeout)
+    took = time.perf_counter() - t0
+    config = spec["setup"]["model_config"]
+    label = f"{spec['system']:18s} {spec['step']:4s} V={config['vocab_size']} L={config['num_hidden_layers']}"
+    if "error" in row:
+        print(f"{label} FAILED after {took:.0f}s:\n{row['error']}", file=sys.stderr, flush=True)
+        return None
+    print(f"{label} {row['peak_memory_mb']} MiB {row['step_ms']} ms ({took:.0f}s)", file=sys.stderr, flush=True)
+    return row
+
+
 # ------------------------------------------------------------------------------------------ table
 def ratios(table: list[dict]) -> dict[str, float]:
     """Per model (``V``, layers) and step: xright_pl over TRL and over today's path, for memory and time."""
@@ -193,6 +208,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vocabs", help="comma-separated vocabulary sizes to keep (default: both models)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        help="measurements at once, each its own process of --threads threads (default: 2 with --quick, else 1;"
+        " peak memory is per process either way, step times then share the machine)",
+    )
+    parser.add_argument(
         "--model-config", type=json.loads, help="JSON overrides of every model's config (not its vocab_size)"
     )
     args = parser.parse_args(argv)
@@ -217,26 +238,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.vocabs:
         keep = {int(v) for v in args.vocabs.split(",")}
         configs = [c for c in configs if c["vocab_size"] in keep]
-    table: list[dict] = []
-    for config in configs:
-        for step in steps:
-            for system in systems:
-                spec = {
-                    "setup": asdict(replace(setup, model_config=dict(config))),
-                    "system": system,
-                    "step": step,
-                    "threads": args.threads,
-                    "out": str(out),
-                }
-                t0 = time.perf_counter()
-                row = run_in_fresh_process(spec, args.timeout)
-                took = time.perf_counter() - t0
-                label = f"{system:18s} {step:4s} V={config['vocab_size']} L={config['num_hidden_layers']}"
-                if "error" in row:
-                    print(f"{label} FAILED after {took:.0f}s:\n{row['error']}", file=sys.stderr, flush=True)
-                    continue
-                print(f"{label} {row['peak_memory_mb']} MiB {row['step_ms']} ms ({took:.0f}s)", file=sys.stderr)
-                table.append(row)
+    specs = [
+        {
+            "setup": asdict(replace(setup, model_config=dict(config))),
+            "system": system,
+            "step": step,
+            "threads": args.threads,
+            "out": str(out),
+        }
+        for config in configs
+        for step in steps
+        for system in systems
+    ]
+    jobs = args.jobs or (2 if args.quick else 1)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads that wait on child processes
+        rows = list(pool.map(lambda spec: _measured(spec, args.timeout), specs))
+    table = [row for row in rows if row is not None]
     with (out / "memory.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()

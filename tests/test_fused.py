@@ -170,10 +170,14 @@ def test_head_runs_on_scored_positions_only():
     assert scored < ids.numel() // 2 + 10  # the batch has prompts and padding to skip
 
 
-def test_autograd_keeps_no_vocabulary_sized_activation():
-    """Outside the checkpointed chunks, no activation autograd saves for the backward has a dimension of size V
-    (the full path saves the ``[N, T, V]`` logits: the control). Weights (and views of them) are not counted."""
+@pytest.mark.parametrize("module_path", [False, True])
+def test_autograd_keeps_no_vocabulary_sized_activation(module_path):
+    """No activation autograd saves for the backward has a dimension of size V, on the one-buffer path of a plain
+    ``nn.Linear`` head and on the module path (checkpointed chunks; forced by a hook on the head); the full path
+    saves the ``[N, T, V]`` logits (the control). Weights (and views of them) are not counted."""
     model = build_causal_lm(None, NEOX)
+    if module_path:
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: None)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids, mask, labels = batch()
 
@@ -192,6 +196,26 @@ def test_autograd_keeps_no_vocabulary_sized_activation():
 
     assert any(V in s for s in saved_shapes(False))
     assert not [s for s in saved_shapes(True) if V in s]
+
+
+def test_plain_linear_heads_take_the_one_buffer_path_and_others_the_module_path():
+    """Which path a head takes, and that both give the same gradients (1e-5 relative): GPT-NeoX's untied
+    ``embed_out`` and the head with a bias, each with and without a hook on the head (the module path)."""
+    need_extra("peft")
+    from xright_pl.fused import _plain_linear
+    from xright_pl.lora import LoraSettings, apply_lora
+
+    assert _plain_linear(nn.Linear(4, 6)) and _plain_linear(nn.Linear(4, 6, bias=False))
+    hooked = nn.Linear(4, 6)
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    assert not _plain_linear(hooked) and not _plain_linear(type("Sub", (nn.Linear,), {})(4, 6))
+    lora = apply_lora(build_causal_lm(None, dict(TINY_LLAMA)), LoraSettings(r=2, modules_to_save=["lm_head"]))
+    assert not _plain_linear(lora.get_output_embeddings())
+    for build in (lambda: build_causal_lm(None, NEOX), llama_with_bias_head):
+        model = build()
+        fast = losses_and_grads(model, True, 5)
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: None)
+        assert_same(fast, losses_and_grads(model, True, 5), rtol=1e-5)
 
 
 def test_no_scored_token_gives_zero_loss_and_zero_gradients():

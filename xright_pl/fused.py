@@ -40,6 +40,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -74,8 +75,83 @@ def _out_features(head: nn.Module) -> int:
     return 32768
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """``out[i] = log softmax(hidden[i] @ weight.T + bias)[targets[i]]`` in chunks of ``chunk`` rows, for a plain
+    ``nn.Linear`` head: the forward keeps ``hidden``, the weights and the ``[M]`` log-sum-exp; the backward
+    recomputes each chunk's logits and adds its weight gradient into one buffer (fp32), so the head's weight
+    gradient is materialised once, not once per chunk as autograd would (one ``[V, H]`` less at the peak).
+    Under autocast the matmuls run as ``F.linear`` would (the autocast state is restored in the backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
+        m = hidden.shape[0]
+        out = torch.empty(
+            m, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64, device=hidden.device
+        )
+        lse = torch.empty_like(out)
+        for start in range(0, m, chunk):
+            x = F.linear(hidden[start : start + chunk], weight, bias).to(out.dtype)
+            lse[start : start + chunk] = torch.logsumexp(x, dim=-1)
+            out[start : start + chunk] = x.gather(1, targets[start : start + chunk, None]).squeeze(1)
+            del x
+        out -= lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        enabled, dtype, device = ctx.autocast
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
+        g = grad_out.to(lse.dtype)
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                stop = start + ctx.chunk
+                h = hidden[start:stop]
+                logits = F.linear(h, weight, bias)
+                # d out / d logits = onehot(target) - softmax, times the incoming gradient; in the logits' dtype
+                x = logits.to(lse.dtype).sub_(lse[start:stop, None]).exp_().neg_()
+                x.scatter_add_(1, targets[start:stop, None], torch.ones_like(x[:, :1]))
+                x.mul_(g[start:stop, None])
+                d = x.to(logits.dtype)
+                del x, logits
+                if need_h:
+                    grad_h[start:stop] = d @ weight.to(d.dtype)
+                if need_w:
+                    grad_w.addmm_(d.t().to(grad_w.dtype), h.to(grad_w.dtype))
+                if need_b:
+                    grad_b += d.sum(0, dtype=grad_b.dtype)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A ``torch.nn.Linear`` itself (not a subclass or wrapper: peft's, a quantised one), without hooks, whose
+    weights are plain tensors (not FSDP2 shards: a head that is its own FSDP unit is unsharded by its hooks)."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    return all(type(p) in (Tensor, nn.Parameter) for p in head.parameters())
+
+
 def head_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
     """``out[i] = log softmax(head(hidden[i]))[targets[i]]`` in fp32 (fp64 for fp64 logits), chunk by chunk.
+
+    Under grad, a plain ``nn.Linear`` head (Llama's ``lm_head``, GPT-NeoX's ``embed_out``, tied or not, with or
+    without a bias) runs in :class:`_LinearHeadLogps`, whose backward accumulates the weight gradient in one
+    buffer; any other head (peft's wrappers, a head with hooks or sharded by FSDP2 as its own unit) is called as a
+    module on each chunk under ``torch.utils.checkpoint``.
 
     Args:
         head: the output head (a module mapping ``[c, H]`` to ``[c, V]`` logits), called once per chunk (and once
@@ -96,6 +172,8 @@ def head_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_siz
         probe = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])
         return _head_chunk(head, probe, targets.new_zeros(1))[:0]
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    if grad and _plain_linear(head):
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
     out = []
     for start in range(0, m, chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]

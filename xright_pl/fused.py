@@ -12,26 +12,29 @@ policy's and the live reference's summed preference log-probs, MAXRIGHT's evalua
    parameters again when their gradient arrives, before the chunks are recomputed. In that hook (the root's
    parameters still unsharded) the hidden states of the positions whose next token is scored
    (``labels[:, 1:] != IGNORE_INDEX``) are gathered, ``[M, H]``, and the output head
-   (``model.get_output_embeddings()``, called as a module) runs on chunks of ``chunk_size`` of them. Each chunk's
-   log-sum-exp and picked logit give its tokens' log-probs (:func:`xright_pl.losses.label_logps`); under grad
-   each chunk is checkpointed (``torch.utils.checkpoint``, non-reentrant): its logits are freed after the forward
-   and recomputed, chunk by chunk, in the backward.
+   (``model.get_output_embeddings()``) runs on chunks of ``chunk_size`` of them; each chunk's log-sum-exp and
+   picked logit give its tokens' log-probs, and its logits are freed. Under grad the backward recomputes the
+   chunks one by one: a plain ``nn.Linear`` head (Llama, GPT-NeoX; tied or not; with a bias or not) in one
+   autograd Function that adds every chunk's weight gradient into one buffer; any other head (peft's wrappers, a
+   head with hooks, a head that is its own FSDP unit) called as a module on each chunk under non-reentrant
+   ``torch.utils.checkpoint`` (:func:`xright_pl.losses.label_logps` per chunk).
 3. The ``[M]`` log-probs are scattered back to ``[N, T-1]`` (zeros elsewhere): the same tensor as
    :func:`xright_pl.losses.token_logps` on the full logits.
 
 Memory: the loss part's peak is ``O(chunk_size * V)`` (a chunk's logits, their fp32 copy and their gradient),
 not ``O(N * T * V)``; no head compute on prompt or padding positions. Cost: the head's matmul runs twice on the
-scored positions in a training step (forward, and again in the backward), against once on every position for
-the full logits: cheaper whenever about half or more of the positions are prompt or padding, about 1/3 more
-head compute when every position is scored. Under FSDP2 the head lives in the root unit (see
+scored positions in a training step (forward, and again in the backward: with the two backward matmuls,
+4 head matmuls on the scored positions against 3 on every position for the full logits): less head compute
+whenever more than a quarter of the positions are prompt or padding, 1/3 more when every position is scored.
+Under FSDP2 the head lives in the root unit (see
 :func:`xright_pl.distributed.fully_shard_model`), all-gathered once for the forward and once for the backward
 (its pre-backward hook, before the first recomputed chunk), as with the full logits: the chunks add no
 communication. A head sharded as its own FSDP unit would be all-gathered at every chunk call (forward and
 recompute), which is why it is not.
 
 A model whose logits are not ``head(decoder(...).last_hidden_state)`` (a custom ``forward``, logit scaling or
-soft-capping, no ``logits_to_keep``) is found by :func:`fused_head_problem` (a probe on 8 tokens at the first use) and
-takes the full-logits path (:func:`xright_pl.losses.token_logps`).
+soft-capping, no ``logits_to_keep``) is found by :func:`fused_head_problem` (a probe on 8 tokens at the first
+use) and takes the full-logits path (:func:`xright_pl.losses.token_logps`).
 """
 
 from __future__ import annotations

@@ -92,9 +92,10 @@ class XRightModule(pl.LightningModule):
         fused_logps: compute the scored tokens' log-probs from the final hidden states (see
             :mod:`xright_pl.fused`): the output head runs on the response positions only, in chunks of about
             ``2**24 / V`` positions that are recomputed in the backward, so neither the ``[N, T, V]`` logits nor
-            their gradient is ever held (the loss part's memory no longer grows with batch, length or, beyond a
-            chunk, the vocabulary). Costs a second head matmul on the scored positions in the backward (less head
-            compute than the full logits when about half or more of the positions are prompt or padding). Same
+            their gradient is ever held (beyond the scored positions' hidden states and the head's own weight
+            gradient, the loss part holds one chunk's logits: about 64 MiB in fp32 at any vocabulary). Costs a
+            second head matmul on the scored positions in the backward (less head compute than the full logits
+            when more than a quarter of the positions are prompt or padding). Same
             losses and gradients as ``false`` within float rounding. ``false``: the full logits of every position
             and their gradient (more memory; can be faster when nearly every position is scored). A model
             whose logits are not the head applied to the decoder's output falls back to the full logits, with a

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 OUT=${OUT:-benchmarks/gpu_check_results}
 mkdir -p "$OUT"
-SECTIONS=${*:-fsdp step_speed}
+SECTIONS=${*:-fsdp step_speed memory}
 
 # ------------------------------------------------------------------------------------------------------------
 # FSDP (issue 6): ModelParallelStrategy + FSDP2 fully_shard on ONE device, Pythia-1B shape (GPTNeoX, 16 layers,
@@ -96,6 +96,25 @@ step_speed() {
   PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} $PY benchmarks/step_speed.py --gpu --out "$dir" ${STEP_SPEED_ARGS:-} \
     2> "$dir/step_speed.log" | tee "$dir/step_speed.md" \
     || { echo "step_speed FAILED (see $dir/step_speed.log)"; tail -30 "$dir/step_speed.log"; }
+}
+
+# ------------------------------------------------------------------------------------------------------------
+# MEMORY (issue 21): benchmarks/memory.py --gpu: one DPO step (live reference) and one SFT step of xright_pl (fused
+# log-probs, the default), xright_pl with --model.fused_logps false, TRL (its default fused LM head) and the plain
+# loop, each in a fresh process, bf16 weights: SmolLM2-135M (V = 49,152, 30 layers) at 4 pairs x 512 tokens and
+# its body cut to 2 layers at V = 128,256. Rows: torch.cuda.max_memory_allocated and step time. Writes
+# $OUT/memory/{memory.csv,memory.md}; 16 processes, a few minutes. Env: MEMORY_ARGS (extra flags).
+# ------------------------------------------------------------------------------------------------------------
+memory() {
+  install_carried_wheels
+  if ! $PY -c "import datasets" 2>/dev/null; then
+    echo "memory SKIPPED: 'datasets' is not importable (xright_pl imports it); carry wheels in .whl/"
+    return 0
+  fi
+  local dir="$OUT/memory"
+  mkdir -p "$dir"
+  PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} $PY benchmarks/memory.py --gpu --out "$dir" ${MEMORY_ARGS:-} \
+    2> "$dir/memory.log" || { echo "memory FAILED (see $dir/memory.log)"; tail -30 "$dir/memory.log"; }
 }
 
 for s in $SECTIONS; do

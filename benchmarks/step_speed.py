@@ -18,7 +18,8 @@ Rows (``system`` / ``step``):
 
 A step's time is the median interval between consecutive step ends (the device synchronised there), after
 ``--warmup`` steps, pooled over ``--repeats`` interleaved repeats: it includes loading the next batch and
-every framework hook. ``peak_memory_mb`` is ``torch.cuda.max_memory_allocated`` (empty on CPU).
+every framework hook. ``peak_memory_mb`` is ``torch.cuda.max_memory_allocated`` (empty on CPU, where
+``benchmarks/memory.py`` measures the peak RSS, one measurement per fresh process).
 
 ``--real-model DIR`` (an option, not the default) runs a pretrained model folder on real variable-length rows
 (``--real-data`` preference pairs such as HH-RLHF, ``--real-sft-data`` SFT rows such as Alpaca), tokenized by
@@ -106,6 +107,7 @@ class Setup:
     beta: float = 0.1
     seed: int = 0
     device: str = "cpu"
+    fused_logps: bool = True  # xright_pl's fused, response-only log-probs (XRightModule(fused_logps=...))
 
     @property
     def tokens_per_step(self) -> int:
@@ -334,15 +336,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: Measure the peak RSS on a CPU (``benchmarks/memory.py`` sets it: one measurement per fresh process, so the peak
+#: since the reset before the measurement is that measurement's). Off here: this script measures many rows per
+#: process, and memory the allocator kept from an earlier row would count for the next.
+CPU_PEAK_RSS = False
+
+
 def _reset_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    elif CPU_PEAK_RSS:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS (VmHWM) starts again from the current RSS
 
 
 def _peak_mb(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return cpu_peak_rss_mb() if CPU_PEAK_RSS else None
+
+
+def cpu_peak_rss_mb() -> float:
+    """This process's peak resident set size (``VmHWM``) in MiB, since it started or the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (the peak RSS needs Linux)")
 
 
 def _intervals(ends: list[float], warmup: int) -> list[float]:
@@ -504,6 +524,7 @@ def _module(setup: Setup, selector: Any, precompute: bool = False) -> Any:
         dtype=setup.dtype,
         attn_implementation="sdpa",
         precompute_reference_logps=precompute,
+        fused_logps=setup.fused_logps,
     )
 
 

@@ -96,7 +96,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "data": ("data",),
         "models": ("models", "lora"),
     },
-    {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics")},
+    {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics", "fused")},
     {"inference": ("generate", "judge", "export")},
     {"callbacks": ("callbacks", "checkpoint", "trajectory", "progress", "signals", "eval_callback")},
     {"commands": ("cli", "startup", "commands", "__main__", "")},  # "": the package's __init__ (its public names)

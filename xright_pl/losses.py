@@ -25,7 +25,9 @@ from xright_pl.types import IGNORE_INDEX, DPOOutput, SequenceLogps
 
 __all__ = [
     "token_logps",
+    "label_logps",
     "sequence_logps",
+    "sequence_logps_from_token_logps",
     "sft_loss",
     "sft_loss_from_token_logps",
     "dpo_loss",
@@ -147,6 +149,32 @@ def token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None
     return logps, mask
 
 
+def label_logps(logits: Tensor, targets: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    """Log-probabilities of aligned targets, no shift: ``out[i] = log softmax(logits[i])[targets[i]]``.
+
+    The kernel of :func:`token_logps` (same memory: no fp32 copy of ``logits`` is saved), for logits of the
+    scored positions only (:mod:`xright_pl.fused`).
+
+    Args:
+        logits: ``[M, V]`` float, may require grad.
+        targets: ``[M]`` long; :data:`~xright_pl.types.IGNORE_INDEX` gives 0.0 and no gradient.
+        chunk_size: rows upcast at once (see :func:`token_logps`).
+
+    Returns:
+        ``[M]`` fp32 log-probs (fp64 for fp64 logits).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"label_logps needs logits [M, V] and targets [M], got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    return _ChunkedTokenLogps.apply(logits, targets, _chunk_rows(logits.shape[1], chunk_size))
+
+
+def sequence_logps_from_token_logps(token_logps: Tensor, mask: Tensor) -> SequenceLogps:
+    """Per-row sums of ``token_logps`` (``[N, T']``, 0 where not scored) and per-row counts of ``mask``."""
+    return SequenceLogps(logps=token_logps.sum(dim=-1), num_tokens=mask.sum(dim=-1, dtype=torch.long))
+
+
 def sequence_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None) -> SequenceLogps:
     """Sum of next-token log-probabilities over each row's response tokens.
 
@@ -159,8 +187,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = N
         :class:`~xright_pl.types.SequenceLogps` with ``logps`` ``[N]`` (fp32, fp64 for fp64 logits) and
         ``num_tokens`` ``[N]`` long; an all-masked row gives ``logps == 0`` and ``num_tokens == 0``.
     """
-    tok, mask = token_logps(logits, labels, chunk_size=chunk_size)
-    return SequenceLogps(logps=tok.sum(dim=-1), num_tokens=mask.sum(dim=-1, dtype=torch.long))
+    return sequence_logps_from_token_logps(*token_logps(logits, labels, chunk_size=chunk_size))
 
 
 def sft_loss_from_token_logps(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,10 +18,11 @@ from torchmetrics import MeanMetric
 from xright_pl.data.streams import StreamTicket
 from xright_pl.distributed import agree_run_dir, check_agreement, fully_shard_model, run_folders
 from xright_pl.errors import ConfigError
+from xright_pl.fused import fused_head_problem, model_token_logps
 from xright_pl.guards import NonFiniteGuard, TrainingError, check_finite_weights
 from xright_pl.lightning_private import replace_optimizers
 from xright_pl.lora import LoraSettings, apply_lora
-from xright_pl.losses import PREFERENCE_LOSSES
+from xright_pl.losses import PREFERENCE_LOSSES, token_logps
 from xright_pl.metrics import StepLogWindow
 from xright_pl.models import build_causal_lm, frozen_copy, setup_reference_model
 from xright_pl.objectives import OBJECTIVE_KINDS, Objective, ObjectiveOutput
@@ -88,6 +89,17 @@ class XRightModule(pl.LightningModule):
         label_smoothing: probability ``eps`` in [0, 0.5) that a preference label is wrong: conservative DPO for
             ``sigmoid`` (and ``simpo``), the unbiased estimator for ``robust``; must be 0 for ``ipo``/``hinge``.
         simpo_gamma: SimPO's target reward margin ``gamma`` (used by ``simpo`` only).
+        fused_logps: compute the scored tokens' log-probs from the final hidden states (see
+            :mod:`xright_pl.fused`): the output head runs on the response positions only, in chunks of about
+            ``2**24 / V`` positions that are recomputed in the backward, so neither the ``[N, T, V]`` logits nor
+            their gradient is ever held (beyond the scored positions' hidden states and the head's own weight
+            gradient, the loss part holds one chunk's logits: about 64 MiB in fp32 at any vocabulary). Costs a
+            second head matmul on the scored positions in the backward (less head compute than the full logits
+            when more than a quarter of the positions are prompt or padding). Same
+            losses and gradients as ``false`` within float rounding. ``false``: the full logits of every position
+            and their gradient (more memory; can be faster when nearly every position is scored). A model
+            whose logits are not the head applied to the decoder's output falls back to the full logits, with a
+            one-line note.
     """
 
     def __init__(
@@ -113,6 +125,7 @@ class XRightModule(pl.LightningModule):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        fused_logps: bool = True,
     ) -> None:
         super().__init__()
         problems = []
@@ -163,6 +176,7 @@ class XRightModule(pl.LightningModule):
         self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
         self._log_window = StepLogWindow()
         self._device_batches: dict[str, Any] = {}  # this micro-batch's batches on the device, by objective
+        self._fused: dict[str, bool] = {}  # "policy"/"reference": whether the fused log-prob path applies (probed once)
 
     @property
     def nonfinite_skips(self) -> int:
@@ -368,6 +382,28 @@ class XRightModule(pl.LightningModule):
     def forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def policy_token_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logps, mask)``, ``[N, T-1]``: the policy's next-token log-probs of ``labels`` (0 where not scored), by
+        the fused path unless ``fused_logps`` is off, the model has no separable head, or a subclass overrides
+        :meth:`forward_logits` (then from its logits)."""
+        if type(self).forward_logits is not XRightModule.forward_logits:
+            return token_logps(self.forward_logits(input_ids, attention_mask), labels)
+        fused = self.uses_fused_logps("policy", self.policy)
+        return model_token_logps(self.policy, input_ids, attention_mask, labels, fused=fused)
+
+    def uses_fused_logps(self, role: str, model: torch.nn.Module) -> bool:
+        """Whether ``model`` (the ``policy`` or the ``reference``) takes the fused log-prob path: ``fused_logps`` is
+        on and :func:`~xright_pl.fused.fused_head_problem` finds nothing (probed once per role, with a one-line
+        note when it finds something)."""
+        if not self.hparams.get("fused_logps", True):
+            return False
+        if role not in self._fused:
+            problem = fused_head_problem(model)
+            if problem is not None:
+                log.warning("fused log-probs off for the %s: %s; using its full logits", role, problem)
+            self._fused[role] = problem is None
+        return self._fused[role]
+
     def sft_objective(self, batch: SFTBatch) -> ObjectiveOutput:
         """The ``sft`` objective on ``batch`` (see :class:`~xright_pl.objectives.SFTObjective`). A subclass (or an
         instance attribute) that overrides it replaces the ``sft`` objective in training and validation, as
@@ -376,7 +412,11 @@ class XRightModule(pl.LightningModule):
 
     def reference_logps(self, batch: PreferenceBatch) -> Tensor:
         """``s_ref(y)`` for the ``[2B]`` sequences of ``batch`` (cached values when the batch carries them)."""
-        return reference_logps(self.policy, self.reference, batch, self.reference_released)
+        if batch.ref_logps is not None or self.reference_released:
+            return reference_logps(self.policy, self.reference, batch, self.reference_released)
+        role, model = ("policy", self.policy) if self.reference is None else ("reference", self.reference)
+        fused = self.uses_fused_logps(role, model)
+        return reference_logps(self.policy, self.reference, batch, self.reference_released, fused=fused)
 
     def dpo_objective(self, batch: PreferenceBatch) -> ObjectiveOutput:
         """The ``dpo`` objective on ``batch`` (see :class:`~xright_pl.objectives.PreferenceObjective`); overridable

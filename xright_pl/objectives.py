@@ -10,9 +10,11 @@ subclass with a ``kind``, a ``batch_type`` and ``compute``, registered with :fun
 preference *loss* is smaller still: one pure function in :mod:`xright_pl.losses` and one line in
 :data:`~xright_pl.losses.PREFERENCE_LOSSES`; :class:`PreferenceObjective` runs any of them.
 
-What an objective may use of the module (its public surface, nothing private): ``forward_logits(input_ids,
-attention_mask)`` (the policy's logits) and ``reference_logps(batch)`` (the frozen reference's summed response
-log-probs, cached or computed).
+What an objective may use of the module (its public surface, nothing private): ``policy_token_logps(input_ids,
+attention_mask, labels)`` (the policy's next-token log-probs of the labels and their mask, by the fused,
+response-only path of :mod:`xright_pl.fused` unless the module turned it off), ``forward_logits(input_ids,
+attention_mask)`` (the policy's full logits; used instead by a module that has no ``policy_token_logps``) and
+``reference_logps(batch)`` (the frozen reference's summed response log-probs, cached or computed).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from xright_pl.losses import PREFERENCE_LOSSES, PreferenceLoss, dpo_metrics, sequence_logps, sft_loss
+from xright_pl.losses import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    dpo_metrics,
+    sequence_logps_from_token_logps,
+    sft_loss_from_token_logps,
+    token_logps,
+)
 from xright_pl.types import PreferenceBatch, SFTBatch
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "PreferenceObjective",
     "OBJECTIVE_KINDS",
     "register_objective",
+    "policy_token_logps",
 ]
 
 
@@ -54,6 +64,15 @@ class ObjectiveOutput:
     num_examples: int
     metrics: dict[str, Tensor] = field(default_factory=dict)
     units: int | None = None
+
+
+def policy_token_logps(module: Any, batch: SFTBatch | PreferenceBatch) -> tuple[Tensor, Tensor]:
+    """``(logps, mask)``, ``[N, T-1]``: the policy's next-token log-probs of ``batch.labels`` (0 where not scored),
+    from ``module.policy_token_logps``, or from ``module.forward_logits`` for a module without it."""
+    fn = getattr(module, "policy_token_logps", None)
+    if fn is not None:
+        return fn(batch.input_ids, batch.attention_mask, batch.labels)
+    return token_logps(module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
 
 
 class Objective:
@@ -112,12 +131,12 @@ class SFTObjective(Objective):
     batch_type = SFTBatch
 
     def compute(self, module: Any, batch: SFTBatch) -> ObjectiveOutput:
-        loss, _ = sft_loss(module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
+        loss, _ = sft_loss_from_token_logps(*policy_token_logps(module, batch))
         return ObjectiveOutput(loss, batch.num_tokens(), batch.num_examples)
 
     def validation_values(self, module: Any, batch: SFTBatch) -> dict[str, tuple[Tensor, Tensor | int]]:
         """The validation loss is a token mean over the whole set: each batch weighs its scored tokens."""
-        loss, n_tokens = sft_loss(module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
+        loss, n_tokens = sft_loss_from_token_logps(*policy_token_logps(module, batch))
         return {f"val/{self.name}_loss": (loss, n_tokens.to(loss.dtype))}
 
 
@@ -165,7 +184,7 @@ class PreferenceObjective(Objective):
 
     def compute(self, module: Any, batch: PreferenceBatch) -> ObjectiveOutput:
         ref = module.reference_logps(batch) if self.loss.needs_reference else None
-        seq = sequence_logps(module.forward_logits(batch.input_ids, batch.attention_mask), batch.labels)
+        seq = sequence_logps_from_token_logps(*policy_token_logps(module, batch))
         logps, n, b = seq.logps, seq.num_tokens, batch.num_examples
         out = self.loss(
             logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:], self.beta,

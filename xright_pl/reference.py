@@ -16,8 +16,9 @@ from torch import Tensor
 from xright_pl.data.module import LENGTH_COLUMNS, REF_COLUMNS
 from xright_pl.data.streams import row_lengths
 from xright_pl.errors import ConfigError
+from xright_pl.fused import model_token_logps
 from xright_pl.lora import fold_adapters, reference_mode
-from xright_pl.losses import sequence_logps
+from xright_pl.losses import sequence_logps_from_token_logps
 from xright_pl.models import setup_reference_model
 from xright_pl.selectors import Selector, Sequential
 from xright_pl.types import PreferenceBatch
@@ -29,10 +30,15 @@ __all__ = ["reference_logps", "cache_reference_logps", "reset_to_policy", "rows_
 
 @torch.no_grad()
 def reference_logps(
-    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PreferenceBatch, released: bool
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    batch: PreferenceBatch,
+    released: bool,
+    fused: bool = False,
 ) -> Tensor:
     """``s_ref(y)`` for the ``[2B]`` sequences of ``batch``: the cached values when the batch carries them, else a
-    forward pass of ``reference`` (``None``: ``policy`` with its LoRA adapters disabled)."""
+    forward pass of ``reference`` (``None``: ``policy`` with its LoRA adapters disabled), by the fused log-prob
+    path of :mod:`xright_pl.fused` when ``fused``."""
     if batch.ref_logps is not None:
         return batch.ref_logps
     if released:
@@ -42,10 +48,10 @@ def reference_logps(
         )
     if reference is None:  # LoRA: the reference is the policy with its adapters disabled
         with reference_mode(policy) as base:
-            logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            tok = model_token_logps(base, batch.input_ids, batch.attention_mask, batch.labels, fused=fused)
     else:
-        logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return sequence_logps(logits.logits, batch.labels).logps
+        tok = model_token_logps(reference, batch.input_ids, batch.attention_mask, batch.labels, fused=fused)
+    return sequence_logps_from_token_logps(*tok).logps
 
 
 def rows_of_process(n: int, world: int, rank: int) -> list[int]:

@@ -535,7 +535,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
+            rows.append({k: (v if k in ("method", "eval") else (None if v == "" else float(v))) for k, v in r.items()})
     return rows
 
 

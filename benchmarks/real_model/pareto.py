@@ -145,9 +145,11 @@ def usable_pair(row: dict) -> bool:
     return bool(str(row.get("prompt", "")).strip()) and bool(chosen) and bool(rejected) and chosen != rejected
 
 
-def draw(rows: list[dict], n: int, seed: int, usable) -> list[int]:
-    """Indices of ``n`` usable rows of ``rows``, a draw seeded by ``seed`` (in the draw's order)."""
+def draw(rows: list[dict], n: int, seed: int, usable, at_most: bool = False) -> list[int]:
+    """Indices of ``n`` usable rows of ``rows``, a draw seeded by ``seed`` (in the draw's order); ``at_most``: all
+    the usable rows when there are fewer."""
     candidates = [i for i, r in enumerate(rows) if usable(r)]
+    n = min(n, len(candidates)) if at_most else n
     if n > len(candidates):
         raise SystemExit(f"asked for {n} rows, the file has {len(candidates)} usable ones")
     return random.Random(seed).sample(candidates, n)
@@ -170,7 +172,7 @@ def write_subsets(data_dir: Path, runs: Path, seeds: list[int], sft_rows: int, p
             write_jsonl(runs / f"seed{seed}" / "data" / f"{kind}_train.jsonl", [train[i] for i in idx])
             record[f"seed{seed}/{kind}_train ({train_file})"] = idx
         held = read_jsonl(data_dir / eval_file)
-        idx = sorted(draw(held, min(held_out, len(held)), HELD_OUT_SEED, usable))
+        idx = sorted(draw(held, held_out, HELD_OUT_SEED, usable, at_most=True))
         write_jsonl(runs / "data" / f"{kind}_eval.jsonl", [held[i] for i in idx])
         record[f"{kind}_eval ({eval_file})"] = idx
     return record

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,11 @@ def run_dir_of(runs: Path, seed: int, method: str, lam: float) -> Path:
     return seed_dir / method if method in SINGLES else seed_dir / f"lam{fmt_lam(lam)}" / method
 
 
+#: ``evals`` of :func:`run_benchmark` for runs that validate on a held-in sample of training rows too
+#: (``data.held_in``): evaluation name -> metric prefix in ``summary.json``.
+HELD_IN_AND_OUT = {"held_in": "held_in", "held_out": "val"}
+
+
 def run_benchmark(
     config: Path,
     out: Path,
@@ -203,77 +209,102 @@ def run_benchmark(
     runs: Path | None = None,
     threads: int | None = 1,
     only_finished: bool = False,
+    steps_of: Callable[[str, float], int] | None = None,
+    evals: dict[str, str] | None = None,
+    budget: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every seed x lam x method and write the table and the picture. ``only_finished``: start no
-    run, gather the finished ones (a seed without both single-objective runs, or a missing run, is left out)."""
+    run, gather the finished ones (a seed without both single-objective runs, or a missing run, is left out).
+
+    ``steps_of(method, lam)``: the optimizer steps of one run when they differ between runs (e.g. a budget in
+    epochs; the single-objective runs are asked with lam 0.5); None: ``steps`` for every run. ``evals``: one row
+    per run and evaluation (column ``eval``), e.g. :data:`HELD_IN_AND_OUT`, each with the optima measured on that
+    evaluation; ``pareto.md`` gets a table per evaluation and ``pareto.png`` is drawn for the first one
+    (``pareto_{eval}.png`` for the others). None: the held-out losses only, as before. ``budget``: the budget's
+    words in ``pareto.md`` (default: ``steps`` optimizer steps per run)."""
     rows: list[dict[str, Any]] = []
     optima: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     runs_dir = runs or out / "runs"
+    steps_of = steps_of or (lambda method, lam: steps)
+    prefixes = evals or {None: "val"}
     for seed in seeds:
         seed_dir = runs_dir / f"seed{seed}"
-        if only_finished and not all(finished(run_dir_of(runs_dir, seed, o, 0.5), steps) for o in SINGLES):
+        single_dirs = {o: run_dir_of(runs_dir, seed, o, 0.5) for o in SINGLES}
+        if only_finished and not all(finished(single_dirs[o], steps_of(o, 0.5)) for o in SINGLES):
             continue
         singles = {}
         for objective in SINGLES:
             sel = selector_for(objective, seed, None)
             singles[objective] = fit(
                 config,
-                run_dir_of(runs_dir, seed, objective, 0.5),
+                single_dirs[objective],
                 sel,
                 0.5,
                 seed,
-                steps,
+                steps_of(objective, 0.5),
                 settings,
                 reuse=reuse,
                 threads=threads,
             )
             print(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {objective} done", flush=True)
-        opt = optimum_from_summaries(seed_dir / "sft_only" / "summary.json", seed_dir / "dpo_only" / "summary.json")
+        sft_summary, dpo_summary = single_dirs["sft_only"] / "summary.json", single_dirs["dpo_only"] / "summary.json"
+        opt = optimum_from_summaries(sft_summary, dpo_summary)
         optimum_file = write_optimum(opt, seed_dir / "optimum.json").resolve()
-        optima.append(
-            {
-                "seed": seed,
-                "f_sft_star": opt.f_sft,
-                "f_dpo_star": opt.f_dpo,
-                "sft_only_dpo_loss": singles["sft_only"]["val/dpo_loss"],
-                "dpo_only_sft_loss": singles["dpo_only"]["val/sft_loss"],
-            }
-        )
+        opts = {}
+        for name, prefix in prefixes.items():
+            opts[name] = opt if prefix == "val" else optimum_from_summaries(sft_summary, dpo_summary, prefix=prefix)
+            optima.append(
+                {
+                    "seed": seed,
+                    **({"eval": name} if evals else {}),
+                    "f_sft_star": opts[name].f_sft,
+                    "f_dpo_star": opts[name].f_dpo,
+                    "sft_only_dpo_loss": singles["sft_only"][f"{prefix}/dpo_loss"],
+                    "dpo_only_sft_loss": singles["dpo_only"][f"{prefix}/sft_loss"],
+                }
+            )
         for lam in lams:
             for method in methods:
                 sel = selector_for(method, seed, optimum_file)
                 run_dir = run_dir_of(runs_dir, seed, method, lam)
-                if only_finished and not finished(run_dir, steps):
+                n_steps = steps_of(method, lam)
+                if only_finished and not finished(run_dir, n_steps):
                     continue
-                s = fit(config, run_dir, sel, lam, seed, steps, settings, optimum_file, reuse, threads)
-                gaps = tradeoff_gaps(s["val/sft_loss"], s["val/dpo_loss"], opt.f_sft, opt.f_dpo)
-                rows.append(
-                    {
-                        "method": method,
-                        "lam": lam,
-                        "seed": seed,
-                        "steps": s["optimizer_steps"],
-                        "steps_sft": s["steps/sft"],
-                        "steps_dpo": s["steps/dpo"],
-                        "sft_loss": s["val/sft_loss"],
-                        "dpo_loss": s["val/dpo_loss"],
-                        "f_sft_star": opt.f_sft,
-                        "f_dpo_star": opt.f_dpo,
-                        **gaps,
-                        "step_time_s": s["step_time_s"],
-                        "wall_time_s": s["wall_time_s"],
-                        "peak_memory_mb": s["peak_memory_mb"],
-                    }
-                )
-                print(
-                    f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} lam {lam:g} {method}: f_sft"
-                    f" {s['val/sft_loss']:.4f} f_dpo {s['val/dpo_loss']:.4f} ideal distance"
-                    f" {gaps['ideal_distance']:.4f} step time {s['step_time_s']:.2f}s",
-                    flush=True,
-                )
+                s = fit(config, run_dir, sel, lam, seed, n_steps, settings, optimum_file, reuse, threads)
+                for name, prefix in prefixes.items():
+                    o = opts[name]
+                    f_sft, f_dpo = s[f"{prefix}/sft_loss"], s[f"{prefix}/dpo_loss"]
+                    gaps = tradeoff_gaps(f_sft, f_dpo, o.f_sft, o.f_dpo)
+                    rows.append(
+                        {
+                            "method": method,
+                            "lam": lam,
+                            "seed": seed,
+                            **({"eval": name} if evals else {}),
+                            "steps": s["optimizer_steps"],
+                            "steps_sft": s["steps/sft"],
+                            "steps_dpo": s["steps/dpo"],
+                            "sft_loss": f_sft,
+                            "dpo_loss": f_dpo,
+                            "f_sft_star": o.f_sft,
+                            "f_dpo_star": o.f_dpo,
+                            **gaps,
+                            "step_time_s": s["step_time_s"],
+                            "wall_time_s": s["wall_time_s"],
+                            "peak_memory_mb": s["peak_memory_mb"],
+                        }
+                    )
+                    print(
+                        f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} lam {lam:g} {method}"
+                        + (f" ({name})" if evals else "")
+                        + f": f_sft {f_sft:.4f} f_dpo {f_dpo:.4f} ideal distance {gaps['ideal_distance']:.4f}"
+                        f" step time {s['step_time_s']:.2f}s",
+                        flush=True,
+                    )
     add_increases(rows)
-    write_csv(out / "pareto.csv", rows, COLUMNS)
+    columns = COLUMNS[:3] + ["eval"] + COLUMNS[3:] if evals else COLUMNS
+    write_csv(out / "pareto.csv", rows, columns)
     write_csv(out / "optima.csv", optima, list(optima[0]) if optima else ["seed"])
     meta = {
         "config": repo_relative(config),
@@ -284,21 +315,49 @@ def run_benchmark(
         "threads": threads,
         "benchmark_time_s": round(time.perf_counter() - t_start, 1),
         "machine": machine(),
+        **({"budget": budget} if budget else {}),
     }
-    (out / "pareto.md").write_text(markdown(rows, optima, meta, methods, lams))
+    if not evals:
+        (out / "pareto.md").write_text(markdown(rows, optima, meta, methods, lams))
+    else:
+        parts = []
+        for i, name in enumerate(evals):
+            part = markdown([r for r in rows if r["eval"] == name], [o for o in optima if o["eval"] == name], meta,
+                            methods, lams)  # fmt: skip
+            heading = f"## Evaluation: {name} ({EVAL_WORDS.get(name, name)})\n"
+            parts.append(part.replace("# Pareto benchmark\n", "# Pareto benchmark\n\n" + heading, 1) if i == 0 else
+                         heading + part.split("\nOptima", 1)[1].join(["\nOptima", ""]))  # fmt: skip
+        (out / "pareto.md").write_text("\n".join(parts))
+    pictures = []
     try:
-        plot(rows, optima, methods, lams, out / "pareto.png")
+        for i, name in enumerate(prefixes):
+            path = out / ("pareto.png" if i == 0 else f"pareto_{name}.png")
+            plot([r for r in rows if r.get("eval") == name], [o for o in optima if o.get("eval") == name], methods,
+                 lams, path, f"{name}: " if evals else "")  # fmt: skip
+            pictures.append(path)
     except ImportError:
         print("matplotlib is not installed (pip install xright_pl[benchmarks]): no pareto.png", flush=True)
-    print(f"wrote {out / 'pareto.csv'}, {out / 'pareto.md'}, {out / 'pareto.png'}", flush=True)
+    print(f"wrote {out / 'pareto.csv'}, {out / 'pareto.md'}, {', '.join(map(str, pictures))}", flush=True)
     return rows
+
+
+#: What each evaluation of :data:`HELD_IN_AND_OUT` measures (headings of ``pareto.md``).
+EVAL_WORDS = {
+    "held_in": "a fixed sample of the training rows, as the paper measures",
+    "held_out": "a fixed sample of the held-out files",
+}
 
 
 def add_increases(rows: list[dict[str, Any]]) -> None:
     """``runtime_increase_pct`` / ``peak_memory_increase_pct`` against the mean of the Sequential runs of the
     same seed and lam (empty when no Sequential run was made)."""
     for row in rows:
-        base = [r for r in rows if r["method"] in SEQUENTIAL and r["seed"] == row["seed"] and r["lam"] == row["lam"]]
+        base = [
+            r
+            for r in rows
+            if r["method"] in SEQUENTIAL
+            and (r["seed"], r["lam"], r.get("eval")) == (row["seed"], row["lam"], row.get("eval"))
+        ]
         for col, key in (("runtime_increase_pct", "step_time_s"), ("peak_memory_increase_pct", "peak_memory_mb")):
             ref = statistics.fmean(r[key] for r in base) if base else None
             row[col] = 100.0 * (row[key] / ref - 1.0) if ref else None
@@ -342,7 +401,9 @@ def markdown(
     lines = [
         "# Pareto benchmark",
         "",
-        f"- config: `{meta['config']}`; optimizer steps per run: {meta['steps']} (every method);"
+        f"- config: `{meta['config']}`; "
+        + (meta["budget"] if meta.get("budget") else f"optimizer steps per run: {meta['steps']} (every method)")
+        + ";"
         f" seeds: {meta['seeds']}; lam: {meta['lams']}"
         + (f"; settings: `{meta['settings']}`" if meta["settings"] else ""),
         f"- machine: {meta['machine']}; CPU threads per run: {meta.get('threads') or 'default'};"
@@ -387,8 +448,16 @@ COLORS = {
 MARKERS = {0.25: "o", 0.5: "s", 0.75: "^"}
 
 
-def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list[str], lams: list[float], path: Path):
-    """The paper's layout: the loss plane with the ideal point, then bars per lam of the five measures."""
+def plot(
+    rows: list[dict[str, Any]],
+    optima: list[dict[str, Any]],
+    methods: list[str],
+    lams: list[float],
+    path: Path,
+    title: str = "",
+):
+    """The paper's layout: the loss plane with the ideal point, then bars per lam of the five measures (``title``:
+    put before the first panel's title, e.g. the evaluation)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -418,7 +487,7 @@ def plot(rows: list[dict[str, Any]], optima: list[dict[str, Any]], methods: list
             set_scale("log")
     ax.set_xlabel("f_sft (final val/sft_loss)")
     ax.set_ylabel("f_dpo (final val/dpo_loss)")
-    ax.set_title("final losses (mean ± std over seeds)")
+    ax.set_title(f"{title}final losses (mean ± std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=COLORS[m], lw=2, label=METHODS[m]) for m in methods]
     handles += [Line2D([], [], color="k", ls="", marker=MARKERS.get(lam, "o"), label=f"lam {lam:g}") for lam in lams]
@@ -466,7 +535,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append({k: (v if k == "method" else (None if v == "" else float(v))) for k, v in r.items()})
+            rows.append({k: (v if k in ("method", "eval") else (None if v == "" else float(v))) for k, v in r.items()})
     return rows
 
 

@@ -54,9 +54,11 @@ def demo_data(
     sft_bs: int = 4,
     dpo_bs: int = 2,
     sft_path: str = "builtin:demo/sft_train.jsonl",
+    held_in: int = 0,
     **batching,
 ) -> JointDataModule:
     return JointDataModule(
+        held_in=held_in,
         sft=SFTData(
             path=sft_path,
             eval_path="builtin:demo/sft_eval.jsonl",

@@ -7,6 +7,7 @@ folder, check the export, and run ``configs/real/smollm2/alright.yaml`` on it fo
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -221,3 +222,136 @@ def test_driver_points_and_a_gather_that_starts_no_run(monkeypatch, tmp_path):
     commands = (out / "commands.txt").read_text().splitlines()  # every finished run, seed 1's lone optimum too
     assert len(commands) == 4 and sum("xright_pl.Mix" in c for c in commands) == 1
     assert (out / "runs" / "seed1" / "sft_only" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------ --protocol (issue 22; offline parts)
+def test_protocol_budgets_in_epochs(monkeypatch):
+    """lam = T_DPO / (T_SFT + T_DPO) with the heavier objective at E epochs: 0.25 <-> (3, 1), 0.75 <-> (1, 3); the
+    joint methods get the same total steps; the optima E epochs, the plateau runs 2E."""
+    plan = load_driver(monkeypatch).Protocol(3, 32)
+    assert plan.stage_epochs(0.5) == (3, 3) and plan.stage_epochs(0.25) == (3, 1) and plan.stage_epochs(0.75) == (1, 3)
+    assert plan.steps("sft_only", 0.5) == 96 and plan.steps("dpo_only_2x", 0.5) == 192
+    assert plan.steps("alright", 0.5) == 192 and plan.steps("mix", 0.25) == 128 and plan.steps("maxright", 0.75) == 128
+    assert plan.sequential_init_args("sequential_sft_dpo", 0.25) == {"switch_epochs": 3, "second_epochs": 1}
+    assert plan.sequential_init_args("sequential_dpo_sft", 0.25) == {"switch_epochs": 1, "second_epochs": 3}
+
+
+def fake_data(folder):
+    """The four sample-data files, small: 20 SFT rows (row 3 has no answer) and 20 pairs (row 5 identical)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sft = [{"instruction": f"Say {i}.", "input": "", "output": "" if i == 3 else f"{i}."} for i in range(20)]
+    pairs = [{"prompt": f"\n\nHuman: Hi {i}\n\nAssistant:", "chosen": " Hello!", "rejected": " Hello!" if i == 5 else
+              " No."} for i in range(20)]  # fmt: skip
+    for name, rows in (("alpaca_gpt4_sft", sft), ("hh_rlhf_pref", pairs)):
+        for split in ("train", "eval"):
+            write_jsonl(folder / f"{name}_{split}.jsonl", rows)
+    return folder
+
+
+def test_protocol_subsets_are_seeded_draws_of_usable_rows(monkeypatch, tmp_path):
+    drv = load_driver(monkeypatch)
+    data, runs = fake_data(tmp_path / "data"), tmp_path / "runs"
+    record = drv.write_subsets(data, runs, [0, 1], 8, 4, 3)
+    sft0 = drv.read_jsonl(runs / "seed0" / "data" / "sft_train.jsonl")
+    pairs1 = drv.read_jsonl(runs / "seed1" / "data" / "dpo_train.jsonl")
+    assert len(sft0) == 8 and len(pairs1) == 4 and all(r["output"] for r in sft0)
+    assert all(r["chosen"] != r["rejected"] for r in pairs1)
+    assert (
+        record["seed0/sft_train (alpaca_gpt4_sft_train.jsonl)"]
+        != record["seed1/sft_train (alpaca_gpt4_sft_train.jsonl)"]
+    )
+    assert len(drv.read_jsonl(runs / "data" / "dpo_eval.jsonl")) == 3  # one held-out sample for every seed
+    assert drv.write_subsets(data, runs, [0, 1], 8, 4, 3) == record  # the same rows again
+
+
+def protocol_args(drv):
+    """The driver's options as ``main`` parses them with ``--protocol --plateau``, for ``run_spec``."""
+    options = {k: v for k, v in drv.PROTOCOL.items() if k != "epochs"}
+    methods = list(drv.pareto.METHODS)
+    return drv.argparse.Namespace(plan=drv.Protocol(3, 32), plateau=True, steps=100, methods=methods, **options)
+
+
+def test_protocol_run_spec(monkeypatch, tmp_path):
+    """Each run's selector, budget and settings under the protocol: Sequential in epochs, MAXRIGHT with the held-in
+    optima (k = 10), the gaps against the held-out optima, LoRA on every linear layer, validation every epoch."""
+    drv = load_driver(monkeypatch)
+    a, runs = protocol_args(drv), tmp_path / "runs"
+    run_dir, sel, steps, settings, opt = drv.run_spec(a, runs, "sequential_dpo_sft", 0, 0.25, ["x=1"])
+    assert run_dir == runs / "seed0" / "lam0.25" / "sequential_dpo_sft" and steps == 128
+    assert sel["init_args"] == {"first": "dpo", "switch_epochs": 1, "second_epochs": 3}
+    assert opt == (runs / "seed0" / "optimum.json").resolve() and settings[0] == "x=1"
+    assert 'model.lora={"r": 32, "alpha": 64.0, "target_modules": ["all-linear"]}' in settings
+    for s in ("model.optimizer.init_args.lr=0.0002", "data.held_in=32", "model.precompute_reference_logps=true",
+              "data.preference.max_length=64", "data.sft.max_prompt_length=32", "trainer.val_check_interval=32",
+              "trajectory.enabled=true"):  # fmt: skip
+        assert s in settings
+    assert any(s.startswith("data.chat_template=") and s.endswith("chatml_no_system.jinja") for s in settings)
+    assert any(s.startswith("data.sft.path=") and s.endswith("seed0/data/sft_train.jsonl") for s in settings)
+    assert any("XRightCheckpoint" in s for s in settings)  # DPO->SFT answers the prompts beside ALRIGHT
+    _, sel, steps, settings, _ = drv.run_spec(a, runs, "maxright", 2, 0.5, [])
+    assert sel["init_args"] == {"optimum_file": str((runs / "seed2" / "optimum_held_in.json").resolve()),
+                                "eval_every": 10} and steps == 192  # fmt: skip
+    assert not any("XRightCheckpoint" in s for s in settings)
+    run_dir, sel, steps, _, opt = drv.run_spec(a, runs, "dpo_only_2x", 0, 0.5, [])
+    assert run_dir == runs / "seed0" / "dpo_only_2x" and steps == 192 and opt is None
+    assert sel == {"class_path": "xright_pl.Single", "init_args": {"objective": "dpo"}}
+
+
+def protocol_summary(selector, steps, held_in, held_out, trajectory_in=None, trajectory_out=None):
+    s = {"selector": selector, "optimizer_steps": steps, "steps/sft": steps // 2, "steps/dpo": steps - steps // 2,
+         "step_time_s": 1.0, "wall_time_s": 2.0, "peak_memory_mb": 1.0,
+         "held_in/sft_loss": held_in[0], "held_in/dpo_loss": held_in[1],
+         "val/sft_loss": held_out[0], "val/dpo_loss": held_out[1]}  # fmt: skip
+    if trajectory_in:
+        s.update(trajectory_held_in=trajectory_in, trajectory=trajectory_out)
+    return s
+
+
+def test_protocol_gather_writes_both_evaluations_and_the_forgetting(monkeypatch, tmp_path):
+    """A gather of fake finished runs (E = 1 epoch of 4 steps): one pareto.csv row per run and evaluation, the
+    gaps against that evaluation's optima, and the forgetting of each Sequential run's first objective."""
+    drv = load_driver(monkeypatch)
+    runs = tmp_path / "runs"
+    summaries = {
+        "sft_only": protocol_summary("sft_only", 4, (1.0, 0.8), (1.6, 0.7)),
+        "dpo_only": protocol_summary("dpo_only", 4, (2.0, 0.1), (1.9, 0.6)),
+        # start (1.5, 0.69); SFT to 1.0 at the switch; DPO brings f_sft back to 1.25: half the gain undone
+        "lam0.5/sequential_sft_dpo": protocol_summary(
+            "sequential", 8, (1.25, 0.2), (1.7, 0.65),
+            [[0, 1.5, 0.69], [4, 1.0, 0.8], [8, 1.25, 0.2]], [[0, 1.7, 0.69], [4, 1.6, 0.7], [8, 1.7, 0.65]]),
+        "lam0.5/alright": protocol_summary("alright", 8, (1.1, 0.3), (1.65, 0.66)),
+    }  # fmt: skip
+    for name, s in summaries.items():
+        (runs / "seed0" / name).mkdir(parents=True)
+        (runs / "seed0" / name / "summary.json").write_text(json.dumps(s))
+
+    def no_new_run(config, run_dir, *args, **kwargs):
+        if not (run_dir / "summary.json").is_file():
+            pytest.fail(f"the gather started a run in {run_dir}")
+        return json.loads((run_dir / "summary.json").read_text())
+
+    monkeypatch.setattr(drv.pareto, "fit", no_new_run)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    drv.main(["--protocol", "--gather", "--epochs", "1", "--sft-rows", "16", "--pairs", "8", "--model-dir",
+              str(tmp_path / "model"), "--data-dir", str(fake_data(tmp_path / "data")), "--runs", str(runs),
+              "--out", str(out), "--methods", "sequential_sft_dpo", "alright"])  # fmt: skip
+    rows = drv.pareto.read_csv(out / "pareto.csv")
+    assert [(r["method"], r["eval"]) for r in rows] == [("sequential_sft_dpo", "held_in"), ("sequential_sft_dpo",
+            "held_out"), ("alright", "held_in"), ("alright", "held_out")]  # fmt: skip
+    alright_in = rows[2]
+    assert (alright_in["f_sft_star"], alright_in["f_dpo_star"]) == (1.0, 0.1)  # held-in optima for held-in rows
+    assert alright_in["ideal_distance"] == pytest.approx(math.hypot(0.1, 0.2))
+    assert rows[3]["ideal_distance"] == pytest.approx(math.hypot(0.05, 0.06))
+    forgetting = list(csv.DictReader(open(out / "forgetting.csv")))
+    expected = [("sft->dpo", "held_in", "sft"), ("sft->dpo", "held_out", "sft")]
+    assert [(f["order"], f["eval"], f["objective"]) for f in forgetting] == expected
+    assert float(forgetting[0]["forgetting"]) == pytest.approx(0.5)  # (1.25 - 1.0) / (1.5 - 1.0)
+    assert float(forgetting[1]["forgetting"]) == pytest.approx(1.0)  # back to the start held-out
+    md = (out / "pareto.md").read_text()
+    assert "## Evaluation: held_in" in md and "## Evaluation: held_out" in md and "epochs of the training subsets" in md
+    assert "| 0 | sft_only | 1 | held_in | 1.0000 | 0.8000 |" in (out / "forgetting.md").read_text()
+    assert json.loads((out / "subsets.json").read_text())["seed0/sft_train (alpaca_gpt4_sft_train.jsonl)"]
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert len(commands) == 4 and all("--data.held_in=32" in c for c in commands)

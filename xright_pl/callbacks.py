@@ -80,7 +80,8 @@ class RunSummary(Callback):
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         wall = time.perf_counter() - self._t0
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "eval/"))}
+        kept = ("val/", "held_in/", "eval/")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(kept)}
         tokens = sum(getattr(pl_module, "tokens", {}).values()) - self._tokens0
         selector = selector_of(pl_module)
         target = pl_module.target() if hasattr(pl_module, "target") else None  # {name: lambda_k} with K data sets

@@ -202,9 +202,11 @@ class XRightModule(pl.LightningModule):
         self.objectives: dict[str, Objective] = {
             name: OBJECTIVE_KINDS[kind].from_settings(name, self.hparams) for name, kind in kinds.items()
         }
-        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__").
+        # One weighted mean per validation metric of every objective (keys: the metric names, "/" -> "__"), for
+        # the held-out rows (``val/``) and the data module's held-in sample of training rows (``held_in/``).
+        keys = [k for o in self.objectives.values() for k in o.validation_keys()]
         self.val_metrics = torch.nn.ModuleDict(
-            {_metric_key(k): MeanMetric() for o in self.objectives.values() for k in o.validation_keys()}
+            {_metric_key(_with_prefix(k, p)): MeanMetric() for p in VALIDATION_PREFIXES for k in keys}
         )
         self.steps = dict.fromkeys(self.objectives, 0)
         self.tokens = dict.fromkeys(self.objectives, 0)
@@ -630,9 +632,18 @@ class XRightModule(pl.LightningModule):
                 return objective
         raise ConfigError(f"no objective of this module ({', '.join(self.objectives)}) takes a {type(batch).__name__}")
 
+    def validation_prefix(self, dataloader_idx: int = 0) -> str:
+        """The metric prefix of a validation loader: ``held_in`` for the data module's sample of training rows
+        (``data.held_in``), else ``val``."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        prefixes = getattr(dm, "val_prefixes", None)
+        return prefixes[dataloader_idx] if prefixes and dataloader_idx < len(prefixes) else "val"
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         objective = self.validation_objective(batch, dataloader_idx)
+        prefix = self.validation_prefix(dataloader_idx)
         for key, (value, weight) in objective.validation_values(self, batch).items():
+            key = _with_prefix(key, prefix)
             metric = self.val_metrics[_metric_key(key)]
             metric.update(value, weight)
             self.log(key, metric, on_epoch=True, add_dataloader_idx=False, prog_bar=key.endswith("_loss"))
@@ -704,6 +715,15 @@ class XRightModule(pl.LightningModule):
 
 #: The two-objective hooks a subclass may override (``objective(name)`` calls them when it does).
 _OBJECTIVE_HOOKS = {"sft": "sft_objective", "dpo": "dpo_objective"}
+
+
+#: Metric prefixes of validation: the held-out rows, and the held-in sample of training rows (``data.held_in``).
+VALIDATION_PREFIXES = ("val", "held_in")
+
+
+def _with_prefix(key: str, prefix: str) -> str:
+    """A validation metric name (``val/...``) under ``prefix`` (``held_in/...``)."""
+    return key if prefix == "val" else prefix + key[key.index("/") :]
 
 
 def _metric_key(name: str) -> str:

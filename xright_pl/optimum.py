@@ -183,12 +183,15 @@ def write_optimum(optimum: Optimum | OptimumK, path: str | os.PathLike) -> Path:
     return p
 
 
-def read_summary(path: str | os.PathLike, objective: str) -> tuple[float, dict[str, Any]]:
+def read_summary(path: str | os.PathLike, objective: str, prefix: str = "val") -> tuple[float, dict[str, Any]]:
     """The optimum of ``objective`` from the ``summary.json`` of a single-objective run, and its provenance.
 
     ``objective`` is ``sft``, ``dpo`` or a data set's name: the run's selector must be ``{objective}_only``
-    (``Single(objective=...)``) and its optimum is its final ``val/{objective}_loss``."""
+    (``Single(objective=...)``) and its optimum is its final ``val/{objective}_loss`` (``prefix`` ``held_in``:
+    ``held_in/{objective}_loss``, on the held-in sample of training rows of ``data.held_in``)."""
     single, metric = SINGLE.get(objective, f"{objective}_only"), METRIC.get(objective, f"val/{objective}_loss")
+    if prefix != "val":
+        metric = prefix + metric[metric.index("/") :]
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"summary file {str(p)!r} not found: give the summary.json of a finished run.")
@@ -229,11 +232,12 @@ def run_beta(run_dir: Path) -> float | None:
 
 
 def optimum_from_summaries(
-    sft_summary: str | os.PathLike, dpo_summary: str | os.PathLike, beta: float | None = None
+    sft_summary: str | os.PathLike, dpo_summary: str | os.PathLike, beta: float | None = None, prefix: str = "val"
 ) -> Optimum:
-    """An :class:`Optimum` from the ``summary.json`` files of an SFT-only and a DPO-only run."""
-    f_sft, src_sft = read_summary(sft_summary, "sft")
-    f_dpo, src_dpo = read_summary(dpo_summary, "dpo")
+    """An :class:`Optimum` from the ``summary.json`` files of an SFT-only and a DPO-only run (their held-out
+    losses; ``prefix="held_in"``: their losses on the held-in sample of training rows)."""
+    f_sft, src_sft = read_summary(sft_summary, "sft", prefix)
+    f_dpo, src_dpo = read_summary(dpo_summary, "dpo", prefix)
     steps = (src_sft["optimizer_steps"], src_dpo["optimizer_steps"])
     if None not in steps and steps[0] != steps[1]:
         raise ConfigError(

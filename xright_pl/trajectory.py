@@ -51,18 +51,22 @@ def _limited(loader: Any, limit: int | float) -> Any:
 
 
 @torch.no_grad()
-def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+def evaluate_losses(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str = "val") -> dict[str, float]:
     """``{"sft": ..., "dpo": ...}``: the validation losses of the module as it stands, computed exactly like
-    its ``validation_step`` (token-mean SFT NLL, pair-mean DPO loss) on the datamodule's validation loaders,
+    its ``validation_step`` (token-mean SFT NLL, pair-mean DPO loss) on the datamodule's validation loaders of
+    ``prefix`` (``val``: the held-out rows; ``held_in``: the sample of training rows of ``data.held_in``),
     honouring ``limit_val_batches``, and averaged over processes."""
     dm = trainer.datamodule
     loaders = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    prefixes = getattr(dm, "val_prefixes", None) or ["val"] * len(loaders)
     means: dict[str, MeanMetric] = {}
     was_training = pl_module.training
     pl_module.eval()
     try:
         for idx, loader in enumerate(loaders):
+            if prefixes[idx] != prefix:
+                continue
             for batch in _limited(loader, trainer.limit_val_batches):
                 batch = trainer.strategy.batch_to_device(batch)
                 objective = pl_module.validation_objective(batch, idx)
@@ -154,6 +158,8 @@ class TrajectoryPlot(Callback):
         self.filename = filename
         self.log_figure = log_figure
         self.points: list[tuple[int, float, float]] = []
+        #: The same path on the held-in sample of training rows (``data.held_in``; empty without it).
+        self.held_in_points: list[tuple[int, float, float]] = []
         self.png_path: str | None = None
         self._noted = False
 
@@ -162,10 +168,14 @@ class TrajectoryPlot(Callback):
         return "xright_pl.TrajectoryPlot"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"points": [list(p) for p in self.points]}
+        out: dict[str, Any] = {"points": [list(p) for p in self.points]}
+        if self.held_in_points:
+            out["held_in_points"] = [list(p) for p in self.held_in_points]
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [(int(s), float(a), float(b)) for s, a, b in state_dict.get("points", [])]
+        self.held_in_points = [(int(s), float(a), float(b)) for s, a, b in state_dict.get("held_in_points", [])]
 
     def _can_draw(self) -> bool:
         if have_matplotlib():
@@ -192,23 +202,31 @@ class TrajectoryPlot(Callback):
             return
         if trainer.limit_val_batches == 0:
             return
-        losses = evaluate_losses(trainer, pl_module)
         x, y = self.axes
-        if x in losses and y in losses:
-            self.points.append((0, losses[x], losses[y]))
+        prefixes = getattr(trainer.datamodule, "val_prefixes", None) or []
+        for prefix, points in (("val", self.points), ("held_in", self.held_in_points)):
+            if prefix != "val" and prefix not in prefixes:
+                continue
+            losses = evaluate_losses(trainer, pl_module, prefix)
+            if x in losses and y in losses:
+                points.append((0, losses[x], losses[y]))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
         m = trainer.callback_metrics
+        for prefix, points in (("held_in", self.held_in_points), ("val", self.points)):
+            x, y = (f"{prefix}/{name}_loss" for name in self.axes)
+            if x not in m or y not in m:
+                continue
+            point = (int(trainer.global_step), float(m[x]), float(m[y]))
+            if points and points[-1][0] == point[0]:
+                points[-1] = point
+            else:
+                points.append(point)
         x, y = (f"val/{name}_loss" for name in self.axes)
         if x not in m or y not in m:
             return
-        point = (int(trainer.global_step), float(m[x]), float(m[y]))
-        if self.points and self.points[-1][0] == point[0]:
-            self.points[-1] = point
-        else:
-            self.points.append(point)
         if not (self.log_figure and trainer.is_global_zero):
             return
         experiments = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
@@ -230,7 +248,10 @@ class TrajectoryPlot(Callback):
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Fields for ``summary.json``: the PNG's path (None when none was drawn) and the recorded points
         ``[step, f_sft, f_dpo]`` (the start point first when ``evaluate_start``), so the path can be read without
-        the picture."""
+        the picture; with ``data.held_in`` also ``trajectory_held_in``, the same path on the held-in sample."""
         if not self.enabled:
             return {}
-        return {"trajectory_png": self.png_path, "trajectory": [list(p) for p in self.points]}
+        out = {"trajectory_png": self.png_path, "trajectory": [list(p) for p in self.points]}
+        if self.held_in_points:
+            out["trajectory_held_in"] = [list(p) for p in self.held_in_points]
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -155,6 +156,11 @@ class JointDataModule(pl.LightningDataModule):
         datasets: any number of named data sets, each with its objective and weight, instead of ``sft`` and
             ``preference`` (which are then not read): the target is ``sum_k lambda_k f_k``, and the module
             takes its objectives and weights from here (``--model.lam`` is not used).
+        held_in: also validate on a fixed sample of this many rows (SFT) or pairs (preference) of each
+            objective's *training* set (a draw seeded by ``seed``, the same at every validation; all rows when the
+            set is smaller), beside the held-out rows. Its metrics are the held-out ones with ``held_in/`` for
+            ``val/`` (``held_in/sft_loss``, ``held_in/dpo_loss``, ``held_in/rewards_accuracies``); they reach
+            ``summary.json``, and the trajectory records them as ``trajectory_held_in``. 0: held-out rows only.
     """
 
     def __init__(
@@ -167,10 +173,15 @@ class JointDataModule(pl.LightningDataModule):
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         datasets: list[DataSet] | None = None,
+        held_in: int = 0,
     ) -> None:
         super().__init__()
         if datasets is not None:
             check_datasets(datasets)
+        if not isinstance(held_in, int) or isinstance(held_in, bool) or held_in < 0:
+            raise ConfigError(f"data.held_in must be an integer >= 0 (rows per objective), got {held_in!r}")
+        self.held_in = held_in
+        self.held_in_rows: dict[str, list[int]] = {}
         self.datasets = [replace(d) for d in datasets] if datasets is not None else None
         self.tokenizer_name = tokenizer
         self.sft = replace(sft)
@@ -206,12 +217,17 @@ class JointDataModule(pl.LightningDataModule):
                 if loaded.val is not None:
                     self.val_sets[d.name] = loaded.val
                 self.skipped[d.name] = dict(loaded.skipped)
-            return
-        sft = load_sft(self.sft, self.tokenizer, seed=self.seed)
-        pref = load_preference(self.preference, self.tokenizer, seed=self.seed)
-        self.train_sets = {"sft": sft.train, "dpo": pref.train}
-        self.val_sets = {k: v for k, v in (("sft", sft.val), ("dpo", pref.val)) if v is not None}
-        self.skipped = {"sft": dict(sft.skipped), "dpo": dict(pref.skipped)}
+        else:
+            sft = load_sft(self.sft, self.tokenizer, seed=self.seed)
+            pref = load_preference(self.preference, self.tokenizer, seed=self.seed)
+            self.train_sets = {"sft": sft.train, "dpo": pref.train}
+            self.val_sets = {k: v for k, v in (("sft", sft.val), ("dpo", pref.val)) if v is not None}
+            self.skipped = {"sft": dict(sft.skipped), "dpo": dict(pref.skipped)}
+        if self.held_in:
+            self.held_in_rows = {
+                name: sorted(random.Random(self.seed).sample(range(len(ds)), min(self.held_in, len(ds))))
+                for name, ds in self.train_sets.items()
+            }
 
     def prepare_data(self) -> None:
         pass
@@ -289,14 +305,31 @@ class JointDataModule(pl.LightningDataModule):
             self._warned_short.add(name)
             log.warning(msg)
 
+    def _val_parts(self) -> list[tuple[str, str, Any]]:
+        """``(objective, metric prefix, rows)`` of each validation loader: the held-out sets (``val``), then the
+        held-in samples (``held_in``). A held-in sample is taken from the training set as it is now, so it carries
+        the cached reference log-probs once they are computed."""
+        self.load()
+        parts = [(name, "val", ds) for name, ds in self.val_sets.items()]
+        for name, rows in self.held_in_rows.items():
+            ds = self.train_sets[name]
+            parts.append((name, "held_in", ds.select(rows) if hasattr(ds, "select") else [ds[i] for i in rows]))
+        return parts
+
     @property
     def val_names(self) -> list[str]:
         """The objective of each validation loader, in :meth:`val_dataloader`'s order."""
         self.load()
-        return list(self.val_sets)
+        return list(self.val_sets) + list(self.held_in_rows)
+
+    @property
+    def val_prefixes(self) -> list[str]:
+        """The metric prefix of each validation loader (``val`` for held-out rows, ``held_in`` for the sample of
+        training rows), in :meth:`val_dataloader`'s order."""
+        self.load()
+        return ["val"] * len(self.val_sets) + ["held_in"] * len(self.held_in_rows)
 
     def val_dataloader(self) -> list[DataLoader]:
-        self.load()
         return [
             DataLoader(
                 ds,
@@ -305,7 +338,7 @@ class JointDataModule(pl.LightningDataModule):
                 collate_fn=self.collate(name),
                 num_workers=self.batching.num_workers,
             )
-            for name, ds in self.val_sets.items()
+            for name, _, ds in self._val_parts()
         ]
 
     def _length_order(self, name: str, dataset: Any, world_size: int):

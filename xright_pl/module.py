@@ -198,11 +198,6 @@ class XRightModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "objective_weights", None) is None:
             return
-        if self.hparams.get("precompute_reference_logps"):
-            raise ConfigError(
-                "precompute_reference_logps is not available with data.datasets yet: set"
-                " --model.precompute_reference_logps false"
-            )
         kinds = dm.objective_kinds
         if [(k, o.kind) for k, o in self.objectives.items()] != list(kinds.items()):
             self._use_objectives(kinds)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +242,50 @@ def test_cached_reference_of_every_preference_data_set(tmp_path):
         assert b == pytest.approx(a, abs=1e-5)
     assert {"val/prefs_loss", "val/prefs_b_loss"} <= set(live_val)
     assert cached_val == pytest.approx(live_val, abs=1e-5)
+
+
+@pytest.mark.xfail(reason="issue 19: a DDP run through the CLI deadlocks in its end-of-run hooks", strict=False)
+def test_three_objectives_under_ddp_through_the_cli(tmp_path):
+    """K = 3 under DDP on 2 CPU processes, through ``python -m xright_pl fit``: it exits cleanly and rank 0 writes
+    one summary counting every optimizer step once. (Rank agreement and identical weights under DDP are
+    tests/test_ddp.py's; this is the K-objective CLI path end to end.)"""
+    root = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xright_pl",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "8",
+            "--trainer.val_check_interval",
+            "8",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+        ],  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,  # generous: the machine may be heavily loaded; nothing here depends on timing
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(root.rglob("summary.json"))
+    assert len(summaries) == 1, summaries
+    s = json.loads(summaries[0].read_text())
+    assert s["optimizer_steps"] == 8 and s["weights"] == WEIGHTS
+    assert sum(s[f"steps/{k}"] for k in WEIGHTS) == 8
+    for key in ("val/terse_loss", "val/polite_loss", "val/prefs_loss"):
+        assert math.isfinite(s[key]), key

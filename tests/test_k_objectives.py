@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, three_datasets, tiny_module, trainer
+from helpers import REPO, TERSE_TEMPLATE, three_datasets, tiny_module, trainer
 
-from xright_pl import Mix
+from xright_pl import Batching, JointDataModule, Mix, PreferenceData, SFTData
 from xright_pl.cli import main, run
+from xright_pl.data.module import REF_COLUMNS, DataSet
 from xright_pl.selectors import Sequential
 
 CONFIG = REPO / "configs" / "demo" / "three_objectives.yaml"
@@ -186,3 +190,101 @@ def test_maxright_and_sequential_refuse_what_does_not_fit_three_objectives():
     Maxright(f_sft_star=1.0, f_dpo_star=0.5).bind(0.5)  # the pair's optima for the pair: fine
     with pytest.raises(ConfigError, match="give their order.*stages '\\[terse, polite, prefs\\]'"):
         Sequential().bind(WEIGHTS)
+
+
+class RecMix(Mix):
+    """Mix, recording every step's pre-update losses by objective."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def observe(self, step, decision, losses):
+        self.losses.append({k: float(v) for k, v in losses.items()})
+
+
+def two_preference_sets() -> JointDataModule:
+    """K = 3 with two preference data sets: terse (SFT), prefs (24 pairs, 2 per batch) and prefs_b (the first 16
+    pairs, 4 per batch): every preference set needs its own cache, of its own length."""
+    sft = {"path": "builtin:demo/sft_train.jsonl", "eval_path": "builtin:demo/sft_eval.jsonl"}
+    pref = {"path": "builtin:demo/pref_train.jsonl", "eval_path": "builtin:demo/pref_eval.jsonl"}
+    common = {"max_length": 64, "limit": 24}
+    return JointDataModule(
+        datasets=[
+            DataSet("terse", 0.4, sft=SFTData(**sft, prompt_template=TERSE_TEMPLATE, **common)),
+            DataSet("prefs", 0.3, preference=PreferenceData(**pref, **common), batch_size=2),
+            DataSet("prefs_b", 0.3, preference=PreferenceData(**pref, max_length=64, limit=16), batch_size=4),
+        ],
+        batching=Batching(sft_batch_size=4, eval_batch_size=32),
+    )
+
+
+def test_cached_reference_of_every_preference_data_set(tmp_path):
+    """precompute_reference_logps at K = 3: both preference data sets (train and val) get the cached columns and the
+    reference is released; the losses of every step and of the validation equal those of the live reference."""
+    runs = {}
+    for precompute in (False, True):
+        sel, data = RecMix(), two_preference_sets()
+        module = tiny_module(sel, precompute_reference_logps=precompute)
+        t = trainer(tmp_path / str(precompute), 4)
+        t.fit(module, datamodule=data)
+        runs[precompute] = (sel.losses, {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("val/")})
+        if precompute:
+            assert module.reference is None and module.reference_released
+            for split in (data.train_sets, data.val_sets):
+                for name in ("prefs", "prefs_b"):
+                    assert set(REF_COLUMNS) <= set(split[name].column_names), name
+                assert not set(REF_COLUMNS) & set(split["terse"].column_names)
+    (live, live_val), (cached, cached_val) = runs[False], runs[True]
+    assert len(live) == len(cached) == 4 and set(live[0]) == {"terse", "prefs", "prefs_b"}
+    assert live[0]["prefs"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    for a, b in zip(live, cached):
+        assert b == pytest.approx(a, abs=1e-5)
+    assert {"val/prefs_loss", "val/prefs_b_loss"} <= set(live_val)
+    assert cached_val == pytest.approx(live_val, abs=1e-5)
+
+
+def test_three_objectives_under_ddp_through_the_cli(tmp_path):
+    """K = 3 under DDP on 2 CPU processes, through ``python -m xright_pl fit``: it exits cleanly and rank 0 writes
+    one summary counting every optimizer step once. (Rank agreement and identical weights under DDP are
+    tests/test_ddp.py's; this is the K-objective CLI path end to end.)"""
+    root = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xright_pl",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "8",
+            "--trainer.val_check_interval",
+            "8",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+        ],  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,  # generous: the machine may be heavily loaded; nothing here depends on timing
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(root.rglob("summary.json"))
+    assert len(summaries) == 1, summaries
+    s = json.loads(summaries[0].read_text())
+    assert s["optimizer_steps"] == 8 and s["weights"] == WEIGHTS
+    assert sum(s[f"steps/{k}"] for k in WEIGHTS) == 8
+    for key in ("val/terse_loss", "val/polite_loss", "val/prefs_loss"):
+        assert math.isfinite(s[key]), key

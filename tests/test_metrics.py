@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import demo_data, has_extra, tiny_module, trainer
+from helpers import demo_data, has_extra, three_datasets, tiny_module, trainer
 from lightning.pytorch.callbacks import Callback
 
 from xright_pl import Alright, Maxright
@@ -193,3 +193,32 @@ def test_trajectory_axes_each_readable():
         labels = [t for t in axis.get_majorticklabels() if t.get_text()]
         inside = [t for t in labels if lo <= t.get_position()[0 if axis is ax.xaxis else 1] <= hi]
         assert len(inside) >= 2, [t.get_text() for t in labels]
+
+
+def test_the_module_owns_the_optimum(tmp_path):
+    """One owner: the module's ``optimum`` is the selector's given optima, or those given to TradeoffMetrics for
+    the run (which the plot then reads through optimum_of); nothing looks for a class among trainer.callbacks."""
+    assert tiny_module(Maxright()).optimum is None  # online estimate: not a known optimum
+    module = tiny_module(Maxright(f_sft_star=1.0, f_dpo_star=0.5))
+    assert (module.optimum.f_sft, module.optimum.f_dpo) == (1.0, 0.5)
+    assert tiny_module(Maxright(f_star={"sft": 1.0, "dpo": 0.25})).optimum.f_star == {"sft": 1.0, "dpo": 0.25}
+    module = tiny_module(Alright(seed=0))
+    assert module.optimum is None
+    metrics = TradeoffMetrics(f_sft_star=2.0, f_dpo_star=0.75)
+    t = trainer(tmp_path, 1, callbacks=[metrics], val_check_interval=1)
+    t.fit(module, datamodule=demo_data(limit=64))
+    assert optimum_of(t) is None  # teardown: a later fit without the callback does not keep its optima
+    probe = TradeoffMetrics(f_sft_star=2.0, f_dpo_star=0.75)
+    probe.setup(t, module, "fit")
+    assert module.optimum is probe.optimum and optimum_of(t).f_dpo == 0.75
+
+
+def test_beating_f_star_of_named_data_sets_is_warned_once(tmp_path, caplog):
+    """The warning works for named data sets (``data.datasets``): one per data set whose loss went below f*."""
+    metrics = TradeoffMetrics(f_star={"terse": 100.0, "polite": 100.0, "prefs": 100.0})
+    t = trainer(tmp_path, 4, callbacks=[metrics], val_check_interval=2)
+    with caplog.at_level("WARNING", logger="xright_pl.metrics"):
+        t.fit(tiny_module(Alright(seed=0)), datamodule=three_datasets())
+    warned = [r.getMessage() for r in caplog.records if "is not the optimum" in r.getMessage()]
+    assert sorted(m.split()[0] for m in warned) == ["val/polite_loss", "val/prefs_loss", "val/terse_loss"]
+    assert all("f_star" in m for m in warned)

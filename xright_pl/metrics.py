@@ -25,8 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, OptimumK, load_optimum
-from xright_pl.selectors import selector_of
+from xright_pl.optimum import Optimum, OptimumK, given_optimum, load_optimum
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +131,22 @@ def tradeoff_gaps_k(losses: dict[str, float], f_star: dict[str, float]) -> dict[
 
 
 def optimum_of(trainer: pl.Trainer) -> Optimum | None:
-    """The optima known to this run: a :class:`TradeoffMetrics` callback's, else a MAXRIGHT selector's given
-    optima (an online estimate does not count), else None."""
-    from xright_pl.selectors import Maxright
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, TradeoffMetrics) and cb.optimum is not None:
-            return cb.optimum
-    for cb in trainer.callbacks:
-        if isinstance(cb, Maxright) and cb.optimum is not None:
-            return cb.optimum
-    return None
+    """The SFT/DPO pair's optima known to this run: the module's ``optimum`` (see :class:`TradeoffMetrics`) when it is
+    the pair's, else None (an online estimate does not count)."""
+    found = getattr(trainer.lightning_module, "optimum", None)
+    return found if isinstance(found, Optimum) else None
 
 
 class TradeoffMetrics(Callback):
     """Log ``val/sft_gap``, ``val/dpo_gap`` and ``val/ideal_distance`` after every validation.
 
     The optima come from ``optimum_file`` (written by ``python -m xright_pl optimum``), or from
-    ``f_sft_star`` and ``f_dpo_star``, or else from a MAXRIGHT selector given its optima; with none of these
-    nothing is logged. The gaps are computed from the epoch values of ``val/sft_loss`` and ``val/dpo_loss``
-    (already averaged over processes), written to the loggers at the current step and added to
-    ``trainer.callback_metrics``, so :class:`~xright_pl.callbacks.RunSummary` puts them in ``summary.json``.
+    ``f_sft_star`` and ``f_dpo_star``, or else from the module's ``optimum`` (``XRightModule.optimum``: a MAXRIGHT
+    selector given its optima); with none of these nothing is logged. Given optima of its own, the callback makes
+    them the module's ``optimum`` for the run, which the trajectory plot reads. The gaps are computed from the
+    epoch values of ``val/sft_loss`` and ``val/dpo_loss`` (already averaged over processes), written to the loggers
+    at the current step and added to ``trainer.callback_metrics``, so :class:`~xright_pl.callbacks.RunSummary` puts
+    them in ``summary.json``.
 
     Args:
         optimum_file: JSON file from ``python -m xright_pl optimum``: the pair's ``f_sft_star`` and
@@ -183,10 +177,11 @@ class TradeoffMetrics(Callback):
         self._own: Optimum | None = None
         #: A named objectives' optimum file (its ``f_star`` is used); None otherwise.
         self.optimum_k: OptimumK | None = None
+        self._own_k: OptimumK | None = None
         if optimum_file is not None:
             loaded = load_optimum(optimum_file)
             if isinstance(loaded, OptimumK):
-                self.optimum_k = loaded
+                self.optimum_k = self._own_k = loaded
                 self._own_star = self.f_star = dict(loaded.f_star)
             else:
                 self._own = loaded
@@ -196,23 +191,26 @@ class TradeoffMetrics(Callback):
         self.last: dict[str, float] = {}
         self._beaten: set[str] = set()  # objectives whose f* a validation went below (warned once)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.f_star = self._own_star
-        if self.f_star is None and self._own is None:
-            selector = selector_of(pl_module)
-            self.f_star = getattr(selector, "given_star", None)
-        self.optimum = self._own
-        if self.optimum is None:
-            from xright_pl.selectors import Maxright
+    def given(self) -> Optimum | OptimumK | None:
+        """The optima this callback was given (a file, the pair's numbers or ``f_star``), else None."""
+        return given_optimum(self._own, self._own_k, self._own_star)
 
-            found = [c for c in trainer.callbacks if isinstance(c, Maxright) and c.optimum is not None]
-            if not found and getattr(pl_module, "_selector", None) is not None:
-                sel = pl_module._selector
-                found = [sel] if isinstance(sel, Maxright) and sel.optimum is not None else []
-            self.optimum = found[0].optimum if found else None
-        for measured in (self.optimum, self.optimum_k):
-            if measured is not None and hasattr(pl_module, "beta"):
-                measured.check_beta(pl_module.beta)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the module this callback's optima, or read the module's (its selector's given optima)."""
+        given = self.given()
+        if given is not None and hasattr(pl_module, "optimum"):
+            pl_module.optimum = given  # the run's optimum has one owner, the module, which the plot reads
+        found = given if given is not None else getattr(pl_module, "optimum", None)
+        self.optimum = found if isinstance(found, Optimum) else None
+        self.f_star = dict(found.f_star) if isinstance(found, OptimumK) else None
+        self.optimum_k = found if isinstance(found, OptimumK) and found.source != "arguments" else None
+        if found is not None and hasattr(pl_module, "beta"):
+            found.check_beta(pl_module.beta)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        given = self.given()
+        if given is not None and getattr(pl_module, "optimum", None) is given:
+            pl_module.optimum = None  # a later fit of the module without this callback does not keep them
 
     def check_objectives(self, pl_module: pl.LightningModule) -> None:
         """Refuse optima of its own (a file, the pair's numbers or ``f_star``) that miss an objective of the run."""
@@ -251,7 +249,21 @@ class TradeoffMetrics(Callback):
         gaps = tradeoff_gaps_k(losses, self.f_star)
         self.last = {f"val/{k}": v for k, v in gaps.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last.items()})
+        self._warn_below(losses, self.f_star)
         self._log_last(trainer)
+
+    def _warn_below(self, losses: dict[str, float], f_star: dict[str, float]) -> None:
+        """Warn once per objective whose validation loss went below its optimum (f* too high for this run)."""
+        source = self.optimum.source if self.optimum is not None else self.optimum_k.source if self.optimum_k else None
+        for name, loss in losses.items():
+            if loss < f_star[name] and name not in self._beaten:
+                self._beaten.add(name)
+                log.warning(
+                    "val/%s_loss %.4g is below f_%s* = %.4g (%s): f* is not the optimum for this data and budget, and"
+                    " val/ideal_distance now also grows the further the run gets below it. Re-estimate f* (longer"
+                    " single-objective runs, or the lowest value any run reached) before comparing distances.",
+                    name, loss, name, f_star[name], source or "f_star",
+                )  # fmt: skip
 
     def _log_last(self, trainer: pl.Trainer) -> None:
         """Write ``self.last`` to the loggers at the step index of Lightning's own validation logs."""
@@ -274,16 +286,8 @@ class TradeoffMetrics(Callback):
         values = {f"val/{k}": v for k, v in gap.compute().items()}
         self.last = {k: float(v) for k, v in values.items()}
         trainer.callback_metrics.update(values)
-        for name in ("sft", "dpo"):
-            if self.last[f"val/{name}_gap"] < 0 and name not in self._beaten:
-                self._beaten.add(name)
-                log.warning(
-                    "val/%s_loss %.4g is below f_%s* = %.4g (%s): f* is not the optimum for this data and budget, and"
-                    " val/ideal_distance now also grows the further the run gets below it. Re-estimate f* (longer"
-                    " single-objective runs, or the lowest value any run reached) before comparing distances.",
-                    name, float(metrics[f"val/{name}_loss"]), name, getattr(self.optimum, f"f_{name}"),
-                    self.optimum.source,
-                )  # fmt: skip
+        pair_star = {"sft": self.optimum.f_sft, "dpo": self.optimum.f_dpo}
+        self._warn_below({k: float(metrics[f"val/{k}_loss"]) for k in pair_star}, pair_star)
         self._log_last(trainer)
 
     def summary_fields(self, trainer: pl.Trainer) -> dict[str, Any]:

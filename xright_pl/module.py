@@ -160,6 +160,7 @@ class XRightModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._selector = selector
+        self._optimum = None  # optima given for the run (see ``optimum``)
         self.lora = lora
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
@@ -217,11 +218,6 @@ class XRightModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "objective_weights", None) is None:
             return
-        if self.hparams.get("precompute_reference_logps"):
-            raise ConfigError(
-                "precompute_reference_logps is not available with data.datasets yet: set"
-                " --model.precompute_reference_logps false"
-            )
         kinds = dm.objective_kinds
         if [(k, o.kind) for k, o in self.objectives.items()] != list(kinds.items()):
             self._use_objectives(kinds)
@@ -322,6 +318,21 @@ class XRightModule(pl.LightningModule):
         if self._selector is None:
             raise ConfigError("no selector: set XRightModule(selector=...) or pass one to the Trainer")
         return self._selector
+
+    @property
+    def optimum(self) -> Any:
+        """The run's optima, their one owner (``Optimum`` of the pair or ``OptimumK`` by name, see
+        :mod:`xright_pl.optimum`; None: unknown): those given to the run's ``TradeoffMetrics``, else the selector's
+        (MAXRIGHT's ``optimum_file``/``f_star``). The metrics and the trajectory plot read it, nothing scans the
+        callbacks for it."""
+        if self._optimum is not None:
+            return self._optimum
+        selector = selector_of(self)
+        return selector.given_optimum() if selector is not None else None
+
+    @optimum.setter
+    def optimum(self, value: Any) -> None:
+        self._optimum = value
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [self._selector] if self._selector is not None else []

@@ -96,6 +96,17 @@ class OptimumK:
         _check_beta(self.beta, beta, self.source, "python -m xright_pl optimum --datasets_config ...")
 
 
+def given_optimum(
+    pair: Optimum | None, named: OptimumK | None, f_star: Mapping[str, float] | None
+) -> Optimum | OptimumK | None:
+    """The optima a callback was configured with: the pair's, else a named file's, else ``f_star`` by name."""
+    if pair is not None:
+        return pair
+    if named is not None:
+        return named
+    return OptimumK(dict(f_star)) if f_star is not None else None
+
+
 def _check_beta(measured: float | None, beta: float, source: str, command: str) -> None:
     """Raise :class:`ConfigError` if the optima of ``source``, measured at DPO beta ``measured`` (None: unknown), are
     used at ``beta``."""

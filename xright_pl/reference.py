@@ -100,37 +100,51 @@ def _columns(dataset: Any) -> list[str]:
     return list(names) if names is not None else list(dataset[0]) if len(dataset) else []
 
 
+def preference_names(dm: Any) -> list[str]:
+    """The objectives of a data module that train on a reference: its preference objectives (the pair's ``dpo``, or
+    every preference data set of ``datasets``)."""
+    return [name for name, kind in dm.objective_kinds.items() if kind == "preference"]
+
+
 def cache_reference_logps(trainer: Any, selector: Selector, logps: Any, released: bool, device: torch.device) -> bool:
-    """Cache ``s_ref`` of every preference pair (train and val) of the trainer's data module in its data sets, by
-    ``logps(batch)`` (the module's :meth:`reference_logps`, on ``device``). Returns True when the caller may release the
-    reference model: False when an earlier fit of the same module (``released``) had cached them already."""
-    if isinstance(selector, Sequential) and selector.reference == "stage_start" and selector.second == "dpo":
-        raise ConfigError(
-            "precompute_reference_logps cannot be used with Sequential(reference='stage_start'): its DPO"
-            " reference becomes the policy at the switch, so log-probs cached at the start would be wrong."
-            " Use reference='initial', or set --model.precompute_reference_logps false."
-        )
+    """Cache ``s_ref`` of every preference pair (train and val) of the trainer's data module in its data sets (the
+    pair's ``dpo``, or every preference data set of ``data.datasets``), by ``logps(batch)`` (the module's
+    :meth:`reference_logps`, on ``device``). Returns True when the caller may release the reference model: False
+    when an earlier fit of the same module (``released``) had cached them already."""
     dm = getattr(trainer, "datamodule", None)
     if dm is None or not hasattr(dm, "set_reference_logps"):
         raise ConfigError(
             "precompute_reference_logps needs the JointDataModule (trainer.fit(module, datamodule=...)),"
             " whose preference sets receive the cached columns."
         )
+    names = preference_names(dm)
+    if isinstance(selector, Sequential) and selector.reference == "stage_start":
+        later = selector.stages[1:] if selector.stages is not None else [selector.second]
+        if any(name in names for name in later):
+            raise ConfigError(
+                "precompute_reference_logps cannot be used with Sequential(reference='stage_start'): its DPO"
+                " reference becomes the policy at the switch, so log-probs cached at the start would be wrong."
+                " Use reference='initial', or set --model.precompute_reference_logps false."
+            )
     dm.load()
-    splits = [(split, sets.get("dpo")) for split, sets in (("train", dm.train_sets), ("val", dm.val_sets))]
-    splits = [(split, ds) for split, ds in splits if ds is not None and len(ds) > 0]
+    splits = [
+        (split, name, sets.get(name))
+        for split, sets in (("train", dm.train_sets), ("val", dm.val_sets))
+        for name in names
+    ]
+    splits = [(split, name, ds) for split, name, ds in splits if ds is not None and len(ds) > 0]
     if released:
-        if all(set(REF_COLUMNS) <= set(_columns(ds)) for _, ds in splits):
+        if all(set(REF_COLUMNS) <= set(_columns(ds)) for _, _, ds in splits):
             return False  # cached by an earlier fit of this module on this data module
         raise ConfigError("the reference model was already released; build a new XRightModule")
     strategy = trainer.strategy
-    for split, ds in splits:
+    for split, name, ds in splits:
         chosen, rejected = compute_reference_logps(
-            ds, dm.collate("dpo"), dm.batching.eval_batch_size, strategy, trainer.world_size, trainer.global_rank,
+            ds, dm.collate(name), dm.batching.eval_batch_size, strategy, trainer.world_size, trainer.global_rank,
             device, logps,
         )  # fmt: skip
-        dm.set_reference_logps(split, chosen, rejected)
-    log.info("cached the reference log-probs of %s and released the reference model", [s for s, _ in splits])
+        dm.set_reference_logps(split, chosen, rejected, name=name)
+    log.info("cached the reference log-probs of %s and released the reference model", [s[:2] for s in splits])
     return True
 
 

@@ -348,17 +348,20 @@ class JointDataModule(pl.LightningDataModule):
         group, shuffle = self.batching.length_group_batches, self.batching.shuffle
         return lambda epoch, g: length_grouped_order(lengths, global_batch, group, g, shuffle)
 
-    def set_reference_logps(self, split: str, chosen: Sequence[float], rejected: Sequence[float]) -> None:
-        """Store precomputed reference log-probs in the ``split`` (``train`` or ``val``) preference set, as
-        columns :data:`REF_COLUMNS` (row order of the set); batches then carry them as ``ref_logps``.
+    def set_reference_logps(
+        self, split: str, chosen: Sequence[float], rejected: Sequence[float], name: str = "dpo"
+    ) -> None:
+        """Store precomputed reference log-probs in the ``split`` (``train`` or ``val``) preference set ``name``
+        (the pair's ``dpo``, or a data set of ``datasets``), as columns :data:`REF_COLUMNS` (row order of the set);
+        batches then carry them as ``ref_logps``.
 
         A training stream already opened keeps its position and reads the new columns from its next batch.
         """
         sets = {"train": self.train_sets, "val": self.val_sets}[split]
-        sets["dpo"] = with_columns(sets["dpo"], dict(zip(REF_COLUMNS, (chosen, rejected))))
-        stream = self.streams.get("dpo") if split == "train" else None
+        sets[name] = with_columns(sets[name], dict(zip(REF_COLUMNS, (chosen, rejected))))
+        stream = self.streams.get(name) if split == "train" else None
         if stream is not None:
-            stream.replace_dataset(sets["dpo"])
+            stream.replace_dataset(sets[name])
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -146,6 +146,11 @@ class Selector(Callback):
         """One line for summaries and logs."""
         return type(self).__name__.lower()
 
+    def given_optimum(self) -> Any:
+        """The optima this selector was configured with (an ``Optimum`` or ``OptimumK`` of :mod:`xright_pl.optimum`),
+        else None: what :attr:`XRightModule.optimum <xright_pl.module.XRightModule.optimum>` falls back to."""
+        return None
+
 
 def selector_of(pl_module: Any) -> Selector | None:
     """The selector of a module (its public ``selector``), or None when it has none (another module, or no

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, OptimumK, load_optimum
+from xright_pl.optimum import Optimum, OptimumK, given_optimum, load_optimum
 from xright_pl.selectors.base import OBJECTIVES, Decision, Selector
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ class Maxright(Selector):
                 " runs a Single fit per data set of CONFIG's data.datasets)"
             )
         return self
+
+    def given_optimum(self) -> Optimum | OptimumK | None:
+        """The given optima (the pair's, or ``{name: f_k*}``); None for the online estimate."""
+        return given_optimum(self.optimum, self.optimum_k, self.given_star)
 
     @property
     def online(self) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pareto import DEFAULT_CONFIG, fit, selector_for, write_csv  # noqa: E402
 
-from xright_pl.optimum import optimum_from_summaries, write_optimum  # noqa: E402
+from xright_pl.core.optimum import optimum_from_summaries, write_optimum  # noqa: E402
 
 #: name -> (pareto method, lam, extra options)
 RUNS = {

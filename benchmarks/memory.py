@@ -1,7 +1,7 @@
 """Peak memory and step time of one DPO step (live reference) and one SFT step, against TRL and today's path.
 
 Systems (``system`` column): ``xright_pl`` (the default: fused, response-only log-probs, see
-``xright_pl/fused.py``), ``xright_pl_unfused`` (``XRightModule(fused_logps=False)``: the full ``[N, T, V]``
+``xright_pl/objectives/fused.py``), ``xright_pl_unfused`` (``XRightModule(fused_logps=False)``: the full ``[N, T, V]``
 logits), ``trl`` (TRL's ``DPOTrainer`` / ``SFTTrainer`` with their default fused LM head, gradient checkpointing
 and bf16 autocast off as in ``step_speed.py``, no Liger) and ``plain`` (a hand-written PyTorch loop on the full
 logits). Each (system, step, model) is measured in its own fresh process, so that nothing one measurement

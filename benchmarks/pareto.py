@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from xright_pl.metrics import tradeoff_gaps
-from xright_pl.optimum import optimum_from_summaries, write_optimum
+from xright_pl.core.optimum import optimum_from_summaries, write_optimum
+from xright_pl.training.metrics import tradeoff_gaps
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"

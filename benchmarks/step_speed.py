@@ -257,7 +257,7 @@ def _lengths(rows: list[dict], name: str) -> list[int]:
 
 def _grouped_order(rows: list[dict], batch_size: int, name: str, seed: int) -> list[int]:
     """The epoch order xright_pl's ``group_by_length`` gives ``rows`` (default mega-batches)."""
-    from xright_pl.data.module import Batching
+    from xright_pl import Batching
     from xright_pl.data.streams import length_grouped_order
 
     group = Batching().length_group_batches
@@ -303,7 +303,7 @@ def _rows(setup: Setup, best: bool = False) -> tuple[list[dict], list[dict], int
 def _data_module(setup: Setup, best: bool = False):
     """The library's data module over a job's rows, in their order; ``best``: padded to a multiple of 8 only on a
     GPU (the rows already come length-grouped, see :func:`real_rows`)."""
-    from xright_pl.data.module import Batching, JointDataModule
+    from xright_pl import Batching, JointDataModule
 
     sft, pref, pad_id = _rows(setup, best)
 
@@ -398,7 +398,7 @@ def _fp32_log_softmax_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch
 def _policy(setup: Setup) -> torch.nn.Module:
     """The policy on the device in train mode: the pretrained model of a :class:`RealSetup`, else a seeded random
     init from the config (initialised on the device: a 1B model initialised on CPU takes many seconds)."""
-    from xright_pl.models import build_causal_lm
+    from xright_pl.models.build import build_causal_lm
 
     if isinstance(setup, RealSetup):
         return build_causal_lm(setup.model_path, None, setup.seed, setup.dtype, "sdpa").to(setup.device).train()
@@ -418,8 +418,8 @@ Timed = tuple[list[float], float | None, list[tuple[int, int]]]
 def plain_loop(setup: Setup, step: str) -> Timed:
     """Per-step times of a hand-written loop doing ``step``'s math on the run's rows, in dataset order."""
     from xright_pl.data.collate import collate_preference, collate_sft
-    from xright_pl.losses import dpo_loss, sequence_logps, sft_loss
-    from xright_pl.models import frozen_copy
+    from xright_pl.models.build import frozen_copy
+    from xright_pl.objectives.losses import dpo_loss, sequence_logps, sft_loss
 
     dev = setup.device
     policy = _policy(setup)
@@ -715,7 +715,7 @@ def trl_step(setup: Setup, step: str, best: bool = False) -> Timed:
     from transformers import TrainerCallback
     from trl import DPOConfig, SFTConfig
 
-    from xright_pl.models import frozen_copy
+    from xright_pl.models.build import frozen_copy
 
     dev = setup.device
     rows, tok = _trl_rows(setup, step, best)
@@ -1090,10 +1090,10 @@ def length_grouping(args: argparse.Namespace, setup: Setup) -> list[dict]:
     DPO steps (policy + reference, the library's losses) on the first ``--steps`` batches of each order,
     interleaved, and reports real (non-padding) tokens per second.
     """
-    from xright_pl.data.module import Batching, JointDataModule
+    from xright_pl import Batching, JointDataModule
     from xright_pl.data.sources import PreferenceData, SFTData
-    from xright_pl.losses import dpo_loss, sequence_logps
-    from xright_pl.models import build_causal_lm, frozen_copy
+    from xright_pl.models.build import build_causal_lm, frozen_copy
+    from xright_pl.objectives.losses import dpo_loss, sequence_logps
 
     if not args.tokenizer:
         raise SystemExit("--length-grouping needs --tokenizer (a folder with vocab.json and merges.txt, or a name)")

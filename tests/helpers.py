@@ -103,7 +103,7 @@ def varied_sft_file(folder) -> str:
     their lengths."""
     import json
 
-    from xright_pl.assets import resolve
+    from xright_pl.core.assets import resolve
 
     lines = Path(resolve("builtin:demo/sft_train.jsonl")).read_text().splitlines()[:16]
     rows = [json.loads(line) for line in lines]

@@ -68,7 +68,7 @@ class WaitForSignalAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self.step or pl_module._micro != 0 or Path(self.marker).exists():
             return
-        from xright_pl.signals import _STATE
+        from xright_pl.callbacks.signals import _STATE
 
         Path(self.marker).write_text(str(os.getpid()))
         deadline = time.monotonic() + 600  # only a guard against hanging forever

@@ -1,14 +1,18 @@
-"""The package's import graph has no cycle: every ``import`` of an ``xright_pl`` module, at module level or inside
-a function, counts (a lazy import only hides a cycle from Python, not from a reader)."""
+"""The tree is the architecture: each module's layer is its folder, the layers are the map of ARCHITECTURE.md (top
+first, a bare ``│`` line between two layers), and the import graph follows them: no cycle, no upward import, no
+import between the parts of one layer, nothing imports the commands. Every ``import`` of an ``xright_pl`` module
+counts, at module level or inside a function (a lazy import only hides a cycle from Python, not from a reader)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from helpers import REPO
 
 PACKAGE = REPO / "xright_pl"
+ROOT = ("__init__", "__main__")  # the entry points: the only modules at the package root
 
 
 def module_name(path: Path) -> str:
@@ -72,8 +76,8 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert {"xright_pl.module", "xright_pl.selectors", "xright_pl.cli"} <= set(graph)  # the walk sees the package
-    assert "xright_pl.selectors" in graph["xright_pl.module"]
+    assert {"xright_pl.training.module", "xright_pl.selectors", "xright_pl.commands.cli"} <= set(graph)  # the walk
+    assert "xright_pl.selectors" in graph["xright_pl.training.module"]
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
@@ -82,59 +86,86 @@ def test_nothing_imports_the_commands():
     """Commands (``python -m xright_pl <command>``) are entry points: only the command line dispatches to them."""
     graph = import_graph()
     users = {m for m, targets in graph.items() for t in targets if t.startswith("xright_pl.commands")}
-    assert not {u for u in users if not u.startswith("xright_pl.commands")}, users
+    allowed = {"xright_pl", "xright_pl.__main__"}
+    assert not {u for u in users if not u.startswith("xright_pl.commands") and u not in allowed}, users
 
 
 # ------------------------------------------------------------------------------------------------- layers
-#: The layers of ARCHITECTURE.md, bottom first: a module may import its own layer and the layers below, never one
-#: above. Within the "parts" layer the four parts are peers that do not import each other.
-LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"core": ("errors", "types", "assets", "optimum", "commandline", "lightning_private", "demo")},
-    {
-        "objectives": ("losses", "objectives"),
-        "selectors": ("selectors",),
-        "data": ("data",),
-        "models": ("models", "lora"),
-    },
-    {"training": ("module", "steps", "reference", "guards", "rng", "distributed", "metrics", "fused")},
-    {"inference": ("generate", "judge", "export")},
-    {"callbacks": ("callbacks", "checkpoint", "trajectory", "progress", "signals", "eval_callback")},
-    {"commands": ("cli", "startup", "commands", "__main__", "")},  # "": the package's __init__ (its public names)
-]
+def map_layers(text: str) -> list[tuple[str, ...]]:
+    """The layers of the first code block of ARCHITECTURE.md, bottom first: its ``folder/`` lines, grouped between
+    the bare ``│`` lines (the folders of one group are the parts of one layer)."""
+    block = text.split("```")[1]
+    layers: list[list[str]] = [[]]
+    for line in block.splitlines():
+        folder = re.match(r"^ ([a-z_]+)/\s", line)
+        if folder:
+            layers[-1].append(folder.group(1))
+        elif line.strip() == "│" and layers[-1]:
+            layers.append([])
+    return [tuple(layer) for layer in reversed(layers) if layer]
+
+
+LAYERS = map_layers((REPO / "ARCHITECTURE.md").read_text(encoding="utf-8"))
+
+
+def test_the_map_reader():
+    text = "x\n```\n top/  a\n    │\n b/  x\n     more\n c/  y\n    │\n low/  z\n```\n"
+    assert map_layers(text) == [("low",), ("b", "c"), ("top",)]
+
+
+def test_the_tree_is_the_map():
+    """Every folder of the package is a layer (or part) of ARCHITECTURE.md's map and the other way round; only the
+    entry points sit at the root; the commands are the top layer and core the bottom one."""
+    on_map = [f for layer in LAYERS for f in layer]
+    assert len(on_map) == len(set(on_map)), on_map
+    folders = {p.parent.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE}
+    assert folders == set(on_map), (
+        f"folders not on the map: {folders - set(on_map)}; map folders missing: {set(on_map) - folders}"
+    )
+    at_root = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert at_root == sorted(ROOT), f"modules at the package root (put them in a folder): {set(at_root) - set(ROOT)}"
+    assert LAYERS[0] == ("core",) and LAYERS[-1] == ("commands",)
 
 
 def place(module: str) -> tuple[int, str]:
-    """``(layer index, part)`` of an ``xright_pl`` module (``xright_pl.data.chat`` -> the ``data`` part)."""
+    """``(layer index, folder)`` of an ``xright_pl`` module, from its folder (``xright_pl.data.chat`` -> ``data``);
+    the root's entry points are above every layer."""
     rest = module.removeprefix("xright_pl").removeprefix(".")
+    if rest in ("", "__main__"):
+        return len(LAYERS), "root"
     head = rest.split(".")[0]
-    for i, parts in enumerate(LAYERS):
-        for part, members in parts.items():
-            if head in members:
-                return i, part
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS and to ARCHITECTURE.md")
+    for i, layer in enumerate(LAYERS):
+        if head in layer:
+            return i, head
+    raise AssertionError(f"{module} is in no folder of ARCHITECTURE.md's map: move it into one, or add its folder")
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     found = []
     for module, targets in graph.items():
-        (layer, part) = place(module)
+        layer, part = place(module)
         for target in targets:
             t_layer, t_part = place(target)
             if t_layer > layer:
                 found.append(f"{module} ({part}) imports {target} ({t_part}), a layer above")
-            elif t_layer == layer == 1 and t_part != part:
+            elif t_layer == layer and t_part != part:
                 found.append(f"{module} ({part}) imports {target} ({t_part}), a peer part")
     return sorted(found)
 
 
 def test_layer_checker_catches_upward_and_peer_imports():
-    assert layer_violations({"xright_pl.losses": {"xright_pl.module"}}) == [
-        "xright_pl.losses (objectives) imports xright_pl.module (training), a layer above"
+    assert layer_violations({"xright_pl.objectives.losses": {"xright_pl.training.module"}}) == [
+        "xright_pl.objectives.losses (objectives) imports xright_pl.training.module (training), a layer above"
     ]
     assert layer_violations({"xright_pl.data.sources": {"xright_pl.selectors"}}) == [
         "xright_pl.data.sources (data) imports xright_pl.selectors (selectors), a peer part"
     ]
-    assert layer_violations({"xright_pl.module": {"xright_pl.losses", "xright_pl.errors"}}) == []
+    assert layer_violations({"xright_pl.core.optimum": {"xright_pl"}}) == [
+        "xright_pl.core.optimum (core) imports xright_pl (root), a layer above"
+    ]
+    assert (
+        layer_violations({"xright_pl.training.module": {"xright_pl.objectives.losses", "xright_pl.core.errors"}}) == []
+    )
 
 
 def test_every_module_is_in_a_layer_and_imports_only_downwards():

@@ -8,7 +8,7 @@ import yaml
 from helpers import REPO
 
 import xright_pl
-from xright_pl.cli import run
+from xright_pl.commands.cli import run
 
 CALLBACKS = [
     "RunSummary",

@@ -3,7 +3,7 @@
 Under DDP, ``Trainer.log_dir`` (a broadcast), ``strategy.broadcast``, ``barrier``, ``reduce_boolean_decision``,
 ``all_gather``/``all_reduce``, checkpoint saving and our own ``agree_run_dir`` must be reached by every process;
 behind an ``is_global_zero`` test they deadlock (issue 19: three end-of-run hooks read ``trainer.log_dir`` after
-``if not trainer.is_global_zero: return``). ``tests/test_ddp_cli.py`` runs the real thing on 2 processes; this
+``if not trainer.is_global_zero: return``). ``tests/commands/test_ddp_cli.py`` runs the real thing on 2 processes; this
 test names the line at once, for every hook, including ones no run reaches.
 """
 

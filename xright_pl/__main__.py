@@ -1,3 +1,3 @@
-from xright_pl.cli import main
+from xright_pl.commands.cli import main
 
 main()

@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import pareto  # noqa: E402  (benchmarks/pareto.py)
 
-from xright_pl.optimum import optimum_from_summaries, write_optimum  # noqa: E402
+from xright_pl.core.optimum import optimum_from_summaries, write_optimum  # noqa: E402
 
 CONFIG = REPO / "configs" / "real" / "smollm2" / "alright.yaml"
 OUT = REPO / "benchmarks" / "results" / "real_smollm2"
@@ -227,7 +227,7 @@ def extra_settings(method: str, steps: int, protocol: Protocol | None = None) ->
         if method == "sequential_dpo_sft":  # the start point is the same model as SFT->DPO's: evaluate it once
             extra.append("trajectory.evaluate_start=false")
     if method in (KEEP_CHECKPOINT if protocol is None else PROTOCOL_KEEP_CHECKPOINT):
-        ckpt = {"class_path": "xright_pl.checkpoint.XRightCheckpoint", "init_args": {"every_n_train_steps": steps}}
+        ckpt = {"class_path": "xright_pl.XRightCheckpoint", "init_args": {"every_n_train_steps": steps}}
         extra += ["trainer.enable_checkpointing=true", f"trainer.callbacks=[{json.dumps(ckpt)}]"]
     return extra
 

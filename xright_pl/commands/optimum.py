@@ -2,8 +2,8 @@
 finished runs' ``summary.json``) and write the optimum file that MAXRIGHT and the gap metrics read; for a
 config with ``data.datasets``, one ``Single(objective=name)`` fit per data set and a file of ``f_star`` by name.
 
-A command: it runs fits through :mod:`xright_pl.cli`, so it lives above everything it uses, and nothing in the
-library imports it (the value type and its file format are :mod:`xright_pl.optimum`).
+A command: it runs fits through :mod:`xright_pl.commands.cli`, so it lives above everything it uses, and nothing in the
+library imports it (the value type and its file format are :mod:`xright_pl.core.optimum`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xright_pl.assets import resolve
-from xright_pl.callbacks import RunSummary
-from xright_pl.errors import ConfigError
-from xright_pl.optimum import (
+from xright_pl.callbacks.summary import RunSummary
+from xright_pl.core.assets import resolve
+from xright_pl.core.errors import ConfigError
+from xright_pl.core.optimum import (
     DEFAULT_CONFIG,
     SINGLE,
     Optimum,
@@ -41,7 +41,7 @@ def _config_path(config: str, option: str, hint: str) -> str:
 def _fit_single(path: str, objective: str, root: Path, overrides: list[str]) -> tuple[Path, float]:
     """Run ``fit`` from the config file ``path`` with ``xright_pl.Single(objective)`` in ``root``; the summary path
     and beta."""
-    from xright_pl.cli import run  # the command line runs this command too: imported when a fit is needed
+    from xright_pl.commands.cli import run  # the command line runs this command too: imported when a fit is needed
 
     selector = json.dumps({"class_path": "xright_pl.Single", "init_args": {"objective": objective}})
     args = ["fit", "--config", path, f"--model.selector={selector}", f"--trainer.default_root_dir={root}"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from xright_pl.errors import DataError
+from xright_pl.core.errors import DataError
 
 SENTINEL = "XRIGHTPLSENTINEL"
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")

@@ -1,4 +1,4 @@
-"""Batching tokenized rows into padded :class:`~xright_pl.types.SFTBatch` / :class:`PreferenceBatch`.
+"""Batching tokenized rows into padded :class:`~xright_pl.core.types.SFTBatch` / :class:`PreferenceBatch`.
 
 Rows are what a tokenized :class:`datasets.Dataset` yields with no format set (dicts of python lists);
 tensors work too. Padding is on the right; ``attention_mask`` comes from the row lengths (never from
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from xright_pl.types import IGNORE_INDEX, PreferenceBatch, SFTBatch
+from xright_pl.core.types import IGNORE_INDEX, PreferenceBatch, SFTBatch
 
 
 def _padded_length(lengths: Sequence[int], pad_to_multiple_of: int | None) -> int:

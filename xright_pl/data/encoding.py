@@ -7,7 +7,7 @@ row, the field and the fix), then tokenize once here with :meth:`datasets.Datase
 response are tokenized separately and concatenated as ``prompt_ids + response_ids + [eos]``. Chat rows (message
 lists, or text rows with ``use_chat_template``) are rendered with the tokenizer's chat template and trained
 through the end-of-turn token, with long prompts fitted turn by turn (:mod:`xright_pl.data.chat`). Labels are
-:data:`~xright_pl.types.IGNORE_INDEX` on the prompt. Rows with no response tokens, with an empty prompt, whose
+:data:`~xright_pl.core.types.IGNORE_INDEX` on the prompt. Rows with no response tokens, with an empty prompt, whose
 chat prompt cannot be fitted, and preference pairs whose two responses are the same text, are skipped and
 counted (one ``WARNING`` log line per source, counts in :attr:`LoadedData.skipped`, see :data:`SKIP_REASONS`).
 """
@@ -28,7 +28,9 @@ from typing import Any
 
 import datasets
 
-from xright_pl.assets import resolve
+from xright_pl.core.assets import resolve
+from xright_pl.core.errors import DataError
+from xright_pl.core.types import IGNORE_INDEX
 from xright_pl.data.chat import ChatEncoder, has_chat_template
 from xright_pl.data.formats import (
     PREFERENCE_FORMATS,
@@ -49,8 +51,6 @@ from xright_pl.data.formats import (
 )
 from xright_pl.data.readers import _looks_like_path, _read_source
 from xright_pl.data.specs import PreferenceData, SFTData, eval_source
-from xright_pl.errors import DataError
-from xright_pl.types import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

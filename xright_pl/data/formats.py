@@ -13,9 +13,9 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from xright_pl.core.errors import DataError
 from xright_pl.data.chat import HH_TURN, text_to_messages
 from xright_pl.data.readers import _Raw
-from xright_pl.errors import DataError
 
 SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "prompt_chosen")
 PREFERENCE_FORMATS = ("auto", "prompt_chosen_rejected", "hh", "conversational")

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from xright_pl.core.errors import ConfigError
 from xright_pl.data.collate import collate_preference, collate_sft
 from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
 from xright_pl.data.specs import PreferenceData, SFTData
@@ -30,7 +31,6 @@ from xright_pl.data.streams import (
     row_lengths,
     short_data_message,
 )
-from xright_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DataSet:
     batch_size: int | None = None
     """Rows (SFT) or pairs (preference) per micro-batch; None: ``batching.sft_batch_size`` / ``dpo_batch_size``."""
     objective: str | None = None
-    """The objective's registered kind (``xright_pl.objectives.OBJECTIVE_KINDS``) when it is not the default for
+    """The objective's registered kind (``xright_pl.objectives.plugins.OBJECTIVE_KINDS``) when it is not the default for
     its data (``sft`` for ``sft:`` rows, ``preference`` for ``preference:`` pairs), e.g. your own plugin."""
 
     @property
@@ -114,7 +114,7 @@ class DataSet:
 
 
 def check_datasets(datasets: Sequence[DataSet]) -> None:
-    """Raise a :class:`~xright_pl.errors.ConfigError` listing every problem of a ``datasets`` list."""
+    """Raise a :class:`~xright_pl.core.errors.ConfigError` listing every problem of a ``datasets`` list."""
     problems = []
     names = [d.name for d in datasets]
     if len(datasets) < 2:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import datasets
 
-from xright_pl.assets import resolve
-from xright_pl.errors import DataError
+from xright_pl.core.assets import resolve
+from xright_pl.core.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -8,6 +8,7 @@ responses) and :mod:`~xright_pl.data.encoding` (the tokenizer, rows into token i
 ``load_sft``/``load_preference``).
 """
 
+from xright_pl.core.errors import DataError
 from xright_pl.data.encoding import (
     OPTIONAL_SKIP_KEYS,
     PREFERENCE_SKIP_KEYS,
@@ -32,7 +33,6 @@ from xright_pl.data.formats import (
 )
 from xright_pl.data.readers import LOCAL_SUFFIXES
 from xright_pl.data.specs import PreferenceData, SFTData, eval_source
-from xright_pl.errors import DataError
 
 __all__ = [
     "ALPACA_PROMPT_INPUT",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from xright_pl.errors import ConfigError
+from xright_pl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A selector is a small :class:`~lightning.pytorch.callbacks.Callback` with its own seeded state and a
 ``state_dict``, so a resumed run continues the exact same sequence of decisions. The module asks it at
-the first micro-batch of every optimizer step (see :meth:`xright_pl.module.XRightModule.training_step`):
+the first micro-batch of every optimizer step (see :meth:`xright_pl.XRightModule.training_step`):
 
 1. :meth:`Selector.needs` names the objectives whose loss on the current batches it wants to see before
    deciding (MAXRIGHT on its evaluation steps; nothing for the others);

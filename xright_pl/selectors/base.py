@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from xright_pl.errors import ConfigError
+from xright_pl.core.errors import ConfigError
 
 OBJECTIVES = ("sft", "dpo")
 log = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ class Selector(Callback):
         return type(self).__name__.lower()
 
     def given_optimum(self) -> Any:
-        """The optima this selector was configured with (an ``Optimum`` or ``OptimumK`` of :mod:`xright_pl.optimum`),
-        else None: what :attr:`XRightModule.optimum <xright_pl.module.XRightModule.optimum>` falls back to."""
+        """The optima this selector was configured with (an ``Optimum`` or ``OptimumK`` of
+        :mod:`xright_pl.core.optimum`), else None: what :attr:`XRightModule.optimum <xright_pl.XRightModule.optimum>`
+        falls back to."""
         return None
 
 

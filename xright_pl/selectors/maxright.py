@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from xright_pl.errors import ConfigError
-from xright_pl.optimum import Optimum, OptimumK, given_optimum, load_optimum
+from xright_pl.core.errors import ConfigError
+from xright_pl.core.optimum import Optimum, OptimumK, given_optimum, load_optimum
 from xright_pl.selectors.base import OBJECTIVES, Decision, Selector
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from xright_pl.errors import ConfigError
+from xright_pl.core.errors import ConfigError
 from xright_pl.selectors.base import Decision, Selector, StepContext
 
 

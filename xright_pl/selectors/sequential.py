@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from xright_pl.errors import ConfigError
+from xright_pl.core.errors import ConfigError
 from xright_pl.selectors.base import OBJECTIVES, Decision, Selector, StepContext
 
 log = logging.getLogger(__name__)

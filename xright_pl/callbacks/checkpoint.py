@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from xright_pl.core.errors import ConfigError, XRightError
 from xright_pl.core.lightning_private import save_last_checkpoint
+from xright_pl.core.moved import old_names
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def checkpoint_types() -> list[type | tuple[type, str]]:
 
     ``torch.load(weights_only=True)`` rebuilds only tensors, numbers, strings, containers and the types listed
     here (field values only: no code runs). A ``(type, "module.Name")`` pair lets a checkpoint written before
-    the type moved name it by its old module (``SFTData``/``PreferenceData`` lived in ``xright_pl.data.sources``).
+    the type moved name it by its old module (``SFTData``/``PreferenceData`` lived in ``xright_pl.data.sources``,
+    ``LoraSettings`` in ``xright_pl.lora``: :func:`xright_pl.core.moved.old_names`).
     """
     from xright_pl.data.module import Batching
     from xright_pl.data.specs import PreferenceData, SFTData
@@ -135,6 +137,8 @@ def checkpoint_types() -> list[type | tuple[type, str]]:
         pass
     else:
         types.append(LoraSettings)
+    # A checkpoint written before the package's folders names a moved type by its old module.
+    types += [(cls, name) for cls in list(types) if isinstance(cls, type) for name in old_names(cls)]
     return types
 
 

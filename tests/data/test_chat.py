@@ -342,7 +342,7 @@ def test_data_smaller_than_a_batch_warns_once(tiny_tokenizer, tmp_path, caplog):
 def test_generation_prompts_are_the_training_prompts(variant, tiny_tokenizer, smol_like, shared_data, tmp_path):
     """``generate`` builds a prompt token for token as training does: long multi-turn chat prompts fitted by
     whole turns (not cut from the left), and HH text prompts through the chat template with use_chat_template."""
-    from xright_pl.inference.generate import PromptEncoder
+    from xright_pl.inference.prompts import PromptEncoder
 
     tok = smol_like if variant == "smol_like" else tiny_tokenizer
     rows = [{"messages": [*conversation(n), asst("Fine.")]} for n in (1, 4, 8)]

@@ -15,7 +15,9 @@ from xright_pl.commands.cli import main, run
 from xright_pl.core.errors import DataError
 from xright_pl.core.types import IGNORE_INDEX
 from xright_pl.data.encoding import load_preference, load_sft, load_tokenizer
-from xright_pl.inference.generate import PromptEncoder, find_run_config, generate, generate_batch, read_prompts
+from xright_pl.inference.generate import generate, generate_batch
+from xright_pl.inference.loading import find_run_config
+from xright_pl.inference.prompts import PromptEncoder, read_prompts
 from xright_pl.models.build import ModelError, build_causal_lm
 
 KEYS = {"instruction", "output", "generator", "dataset", "prompt_id"}

@@ -14,8 +14,9 @@ from xright_pl.callbacks.win_rate import METRIC_KEYS
 from xright_pl.commands.cli import run
 from xright_pl.core.errors import ConfigError, DataError
 from xright_pl.data.encoding import load_tokenizer
-from xright_pl.inference.generate import generate, read_prompts
+from xright_pl.inference.generate import generate
 from xright_pl.inference.judge import instruction_to_messages, judge, pair_answers, wilson_interval, win_rate
+from xright_pl.inference.prompts import read_prompts
 from xright_pl.models.build import ModelError, build_causal_lm
 
 N_PROMPTS = 24

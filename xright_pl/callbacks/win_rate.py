@@ -24,8 +24,9 @@ from xright_pl.core.errors import ConfigError
 from xright_pl.core.types import IGNORE_INDEX
 from xright_pl.data.encoding import SOURCE_ROW_COLUMN
 from xright_pl.data.specs import eval_source
-from xright_pl.inference.generate import PromptEncoder, eos_token_ids, generate_batch, read_prompts
+from xright_pl.inference.generate import eos_token_ids, generate_batch
 from xright_pl.inference.judge import RewardScorer, win_rate
+from xright_pl.inference.prompts import PromptEncoder, read_prompts
 
 METRIC_KEYS = (
     "eval/win_rate",

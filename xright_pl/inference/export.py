@@ -112,9 +112,9 @@ def save_policy(
 
 def _run_config(checkpoint: str | None, config: str | None) -> dict[str, Any]:
     """The run's config: ``config`` if given, else the ``config.yaml`` of the run that wrote the checkpoint
-    (see :func:`xright_pl.inference.generate.find_run_config`)."""
+    (see :func:`xright_pl.inference.loading.find_run_config`)."""
     if config is None and checkpoint is not None:
-        from xright_pl.inference.generate import find_run_config
+        from xright_pl.inference.loading import find_run_config
 
         # The config of the run that wrote the checkpoint (recorded in it; else found next to it).
         config = find_run_config(checkpoint)
@@ -129,7 +129,7 @@ def _run_config(checkpoint: str | None, config: str | None) -> dict[str, Any]:
 
 def load_policy(checkpoint: str | None = None, config: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The trained policy of a Lightning checkpoint (or the initial policy of a config) and the run config."""
-    from xright_pl.inference.generate import _load_part, build_module, load_checkpoint_state
+    from xright_pl.inference.loading import _load_part, build_module, load_checkpoint_state
     from xright_pl.training.module import XRightModule
 
     cfg = _run_config(checkpoint, config)

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 
 from xright_pl.core.errors import DataError
-from xright_pl.inference.generate import read_prompts, write_json_atomic
+from xright_pl.inference.answers import write_json_atomic
+from xright_pl.inference.prompts import read_prompts
 from xright_pl.models.build import _DTYPES, ModelError
 
 Z_95 = 1.959963984540054  # the 0.975 quantile of the standard normal
@@ -247,7 +248,7 @@ def _answers(path: str, fmt: str, template: str | None, limit: int | None, role:
 
 
 def _generator(path: str) -> str:
-    from xright_pl.inference.generate import read_answers
+    from xright_pl.inference.answers import read_answers
 
     try:
         rows = read_answers(path) if path.endswith(".json") else []

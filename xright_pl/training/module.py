@@ -30,18 +30,12 @@ from xright_pl.training.guards import NonFiniteGuard, TrainingError, check_finit
 from xright_pl.training.metrics import StepLogWindow
 from xright_pl.training.reference import cache_reference_logps, reference_logps, reset_to_policy
 from xright_pl.training.rng import RngStream
+from xright_pl.training.state import drop_rebuilt_reference, load_state, save_state
 from xright_pl.training.steps import StepAccumulator, lookahead_units
 
 log = logging.getLogger(__name__)
 
 __all__ = ["XRightModule", "TrainingError", "run_folders"]
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - values without a plain equality (tensors, ...)
-        return repr(a) == repr(b)
 
 
 class XRightModule(pl.LightningModule):
@@ -661,68 +655,13 @@ class XRightModule(pl.LightningModule):
             self.log(key, metric, on_epoch=True, add_dataloader_idx=False, prog_bar=key.endswith("_loss"))
 
     # ------------------------------------------------------------------ checkpoints
-    def _check_resumed_objectives(self, state: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint trained on other objectives; warn when the target's weights changed."""
-        saved = list(state.get("objectives") or state.get("steps") or {})
-        if saved and set(saved) != set(self.objectives):
-            raise ConfigError(
-                f"The checkpoint was trained on the objectives {', '.join(saved)}; this run has"
-                f" {', '.join(self.objectives)}. Resume with the checkpoint's data sets (data.datasets / data.sft and"
-                " data.preference), or start a new run in another --trainer.default_root_dir."
-            )
-        weights = state.get("weights")
-        if isinstance(weights, dict) and self._trainer is not None and not _same(weights, self.target()):
-            log.warning(
-                "resuming with the target weights %r; the checkpoint was trained with %r. The run continues with the"
-                " new weights, so it is no longer the run the checkpoint started.",
-                self.target(), weights,
-            )  # fmt: skip
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite_weights(self.policy, self.global_step)
-        checkpoint["xright_pl"] = {
-            "steps": dict(self.steps),
-            "tokens": dict(self.tokens),
-            "reference_is_initial": self.reference_is_initial,
-            "reference_reset": self._reference_reset,
-            "rng": self.training_rng.state,
-            "nonfinite_skips": self.nonfinite_guard.skips,
-            "nonfinite_in_a_row": self.nonfinite_guard.in_a_row,
-            "reevaluated_forwards": self.reevaluated_forwards,
-            "last_weights": dict(self.accumulator.last_weights),
-            "run": run_folders(self._trainer),
-            "objectives": {name: o.kind for name, o in self.objectives.items()},
-            "weights": self.target(),
-        }
-        if not self._reference_reset and (self.reference_is_initial or self.hparams.reference is not None):
-            # The reference is rebuilt from its source (the seeded config or the checkpoint path): not stored.
-            sd = checkpoint["state_dict"]
-            for key in [k for k in sd if k.startswith("reference.")]:
-                del sd[key]
+        checkpoint["xright_pl"] = save_state(self, run_folders(self._trainer))
+        drop_rebuilt_reference(self, checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters") or {}
-        changed = [k for k in self.hparams if k in saved and not _same(saved[k], self.hparams[k])]
-        for key in changed:
-            log.warning(
-                "resuming with model.%s = %r; the checkpoint was trained with %r. The run continues with the new"
-                " value, so it is no longer the run the checkpoint started.",
-                key, self.hparams[key], saved[key],
-            )  # fmt: skip
-        state = checkpoint.get("xright_pl", {})
-        self._check_resumed_objectives(state)
-        self.steps = dict(state.get("steps", self.steps))
-        self.tokens = dict(state.get("tokens", self.tokens))
-        self.reference_is_initial = state.get("reference_is_initial", self.reference_is_initial)
-        self._reference_reset = state.get("reference_reset", self._reference_reset)
-        self.training_rng.state = state.get("rng", self.training_rng.state)
-        self.nonfinite_guard.skips = state.get("nonfinite_skips", 0)
-        self.nonfinite_guard.in_a_row = state.get("nonfinite_in_a_row", 0)
-        self.reevaluated_forwards = state.get("reevaluated_forwards", 0)
-        self.accumulator.last_weights = dict(state.get("last_weights", {}))
-        sd = checkpoint["state_dict"]
-        if self.reference is not None and not any(k.startswith("reference.") for k in sd):
-            sd.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        load_state(self, checkpoint)
 
 
 #: The two-objective hooks a subclass may override (``objective(name)`` calls them when it does).

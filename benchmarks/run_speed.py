@@ -15,7 +15,7 @@ Rows (``system`` / ``step``):
 
 Repeats (``--repeats``) are interleaved across the rows; a row's time is the median over them. Output:
 ``run_speed.csv`` (the columns of ``step_speed.csv``, :data:`~bench_setup.CSV_FIELDS`) and ``run_ratios.json``
-(the setup, :func:`run_ratios` and the branch counts of each run), the table on stdout.
+(the setup and :func:`run_ratios`, with the branch counts of each run), the table on stdout.
 
 Usage::
 

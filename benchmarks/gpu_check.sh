@@ -51,15 +51,18 @@ PYEOF
 }
 
 # ------------------------------------------------------------------------------------------------------------
-# STEP SPEED (issue 5): benchmarks/step_speed.py --gpu: Pythia-1B shape, bf16 weights, fused AdamW, SDPA, 8 pairs
-# x 512 tokens. Rows: plain PyTorch floor / xright_pl / TRL for the DPO (recomputed and cached reference), SFT,
-# Mix and MAXRIGHT-evaluation steps, and whole ALRIGHT / MAXRIGHT(k=10) / Mix / Sequential runs of 30 steps.
-# Writes $OUT/step_speed/{step_speed.csv,ratios.json,step_speed.md}; about 6 minutes on an H200.
+# STEP SPEED (issue 5): benchmarks/step_speed.py --gpu and benchmarks/run_speed.py --gpu: Pythia-1B shape, bf16
+# weights, fused AdamW, SDPA, 8 pairs x 512 tokens. Rows: plain PyTorch floor / xright_pl / TRL for the DPO
+# (recomputed and cached reference), SFT, Mix and MAXRIGHT-evaluation steps (step_speed.py), and whole ALRIGHT /
+# MAXRIGHT(k=10) / Mix / Sequential runs of 30 steps (run_speed.py). Writes $OUT/step_speed/{step_speed.csv,
+# ratios.json,step_speed.md,step_speed.log} and {run_speed.csv,run_ratios.json,run_speed.md,run_speed.log};
+# about 6 minutes on an H200.
 # Needs importable: torch, lightning, transformers (present on the GPU machine) and `datasets` (xright_pl's data
 # layer imports it). TRL rows also need trl + accelerate. The GPU machine has no network: carry wheels in .whl/
 # (git-ignored; `run(carry=[".whl"])`), filled beforehand on a networked machine with
 #   bash benchmarks/gpu_check.sh fetch_wheels        (PYVER=3.11 by default: match the GPU machine's python)
-# Missing packages only drop rows: without trl the TRL rows are skipped. Env: STEP_SPEED_ARGS (extra flags).
+# Missing packages only drop rows: without trl the TRL rows are skipped. Env: STEP_SPEED_ARGS, RUN_SPEED_ARGS (extra
+# flags of step_speed.py, run_speed.py).
 # ------------------------------------------------------------------------------------------------------------
 fetch_wheels() {
   local pyver=${PYVER:-3.11}
@@ -93,9 +96,18 @@ step_speed() {
   local dir="$OUT/step_speed"
   mkdir -p "$dir"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$dir/gpu.txt" || true
-  PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} $PY benchmarks/step_speed.py --gpu --out "$dir" ${STEP_SPEED_ARGS:-} \
-    2> "$dir/step_speed.log" | tee "$dir/step_speed.md" \
-    || { echo "step_speed FAILED (see $dir/step_speed.log)"; tail -30 "$dir/step_speed.log"; }
+  gpu_bench step_speed "$dir" ${STEP_SPEED_ARGS:-}
+  gpu_bench run_speed "$dir" ${RUN_SPEED_ARGS:-}
+}
+
+# gpu_bench NAME DIR [FLAG ...]: benchmarks/NAME.py --gpu --out DIR FLAG ...; its table in DIR/NAME.md, its log in
+# DIR/NAME.log. A failure is reported and does not stop the other benchmarks.
+gpu_bench() {
+  local name=$1 dir=$2
+  shift 2
+  PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} $PY "benchmarks/$name.py" --gpu --out "$dir" "$@" \
+    2> "$dir/$name.log" | tee "$dir/$name.md" \
+    || { echo "$name FAILED (see $dir/$name.log)"; tail -30 "$dir/$name.log"; }
 }
 
 # ------------------------------------------------------------------------------------------------------------

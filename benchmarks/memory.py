@@ -6,9 +6,9 @@ logits), ``trl`` (TRL's ``DPOTrainer`` / ``SFTTrainer`` with their default fused
 and bf16 autocast off as in ``step_speed.py``, no Liger) and ``plain`` (a hand-written PyTorch loop on the full
 logits). Each (system, step, model) is measured in its own fresh process, so that nothing one measurement
 allocated counts for the next. The rows, data, trainers and the plain loop are those of ``step_speed.py``
-(shared, not copied): synthetic token ids of exactly ``--seq-len`` tokens whose prompts are half of each
-sequence, ``--pairs`` preference pairs per DPO step and the same ``2 * pairs`` sequences per SFT step, AdamW,
-clipping at 1.0.
+(``bench_setup.py``, ``bench_systems.py``: shared, not copied): synthetic token ids of exactly ``--seq-len``
+tokens whose prompts are half of each sequence, ``--pairs`` preference pairs per DPO step and the same
+``2 * pairs`` sequences per SFT step, AdamW, clipping at 1.0.
 
 Models, random weights from the config (no download): the real SmolLM2-135M configuration (Llama, vocabulary
 49,152, 30 layers, hidden 576, tied embeddings) and the same body cut to 2 layers at a Llama-3 vocabulary
@@ -49,7 +49,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import step_speed  # noqa: E402  (the shared benchmark helpers, beside this file)
+import bench_setup  # noqa: E402  (the shared benchmark helpers, beside this file)
+from bench_setup import Setup  # noqa: E402
+from bench_systems import plain_loop, trl_step, use_trl, xright_step  # noqa: E402
 
 SMOLLM2_135M = {
     "model_type": "llama",
@@ -80,10 +82,10 @@ def models(quick: bool) -> list[dict[str, Any]]:
     return [first, {**body, "vocab_size": LLAMA3_VOCAB}]
 
 
-def base_setup(args: argparse.Namespace) -> step_speed.Setup:
+def base_setup(args: argparse.Namespace) -> Setup:
     """The settings shared by every row (the model config is set per row)."""
     quick = args.quick
-    setup = step_speed.Setup(
+    setup = Setup(
         pairs=args.pairs or (2 if quick else 4),
         seq_len=args.seq_len or (256 if quick else 512),
         steps=args.steps or (1 if quick else 3),
@@ -96,15 +98,15 @@ def base_setup(args: argparse.Namespace) -> step_speed.Setup:
 
 
 # ------------------------------------------------------------------------------------------ one measurement
-def measure_one(setup: step_speed.Setup, system: str, step: str) -> tuple[float, float | None]:
+def measure_one(setup: Setup, system: str, step: str) -> tuple[float, float | None]:
     """``(median step seconds, peak MiB)`` of ``system`` on ``step``, in this process."""
-    step_speed.CPU_PEAK_RSS = setup.device == "cpu"
+    bench_setup.CPU_PEAK_RSS = setup.device == "cpu"
     if system == "plain":
-        intervals, peak, _ = step_speed.plain_loop(setup, step)
+        intervals, peak, _ = plain_loop(setup, step)
     elif system in ("xright_pl", "xright_pl_unfused"):
-        intervals, peak, _ = step_speed.xright_step(replace(setup, fused_logps=system == "xright_pl"), step)
+        intervals, peak, _ = xright_step(replace(setup, fused_logps=system == "xright_pl"), step)
     elif system == "trl":
-        intervals, peak, _ = step_speed.trl_step(setup, step)
+        intervals, peak, _ = trl_step(setup, step)
     else:
         raise ValueError(f"unknown system {system!r}")
     if not intervals:
@@ -120,8 +122,8 @@ def child(spec: dict[str, Any]) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("xright_pl").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    step_speed.setup_out_dir = spec["out"]
-    setup = step_speed.Setup(**spec["setup"])
+    bench_setup.setup_out_dir = spec["out"]
+    setup = Setup(**spec["setup"])
     torch.manual_seed(setup.seed)
     step_s, peak = measure_one(setup, spec["system"], spec["step"])
     row = {
@@ -225,8 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = sorted(set(systems) - set(SYSTEMS)) + sorted(set(steps) - set(STEPS))
     if bad:
         parser.error(f"unknown systems or steps {bad}; systems: {SYSTEMS}, steps: {STEPS}")
-    if "trl" in systems and not step_speed.trl_available():
-        print("TRL rows skipped: `trl` (and `datasets`) are not importable here; pip install trl", file=sys.stderr)
+    if "trl" in systems and not use_trl(True):
         systems.remove("trl")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import lightning.pytorch as pl
 import pytest
@@ -27,6 +29,16 @@ def need_extra(module: str):
     extra = EXTRAS[module]
     reason = f"needs {module}, from the optional extra {extra!r}: pip install 'xright_pl[{extra}]'"
     return pytest.importorskip(module, reason=reason)
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks/<name>.py`` loaded by path as module ``name``, in ``sys.modules`` for the calling test only (a
+    dataclass needs its module there); the script puts ``benchmarks/`` on ``sys.path`` for its shared helpers."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 TINY_LLAMA = {

@@ -37,7 +37,7 @@ every seed's subsets):
         --methods sequential_sft_dpo sequential_dpo_sft        # the pilot: 4 runs
 
 Runtime columns: with ``--jobs 2`` two runs share the machine, so ``step_time_s`` is comparable between runs only
-roughly (the neighbour changes); ``benchmarks/step_speed.py --real-model`` measures step costs on a quiet machine.
+roughly (the neighbour changes); ``benchmarks/real_step_speed.py`` measures step costs on a quiet machine.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
-"""Cached reference log-probs, length-grouped batches, and a smoke run of benchmarks/step_speed.py."""
+"""Cached reference log-probs and length-grouped batches (the smoke runs of the speed benchmarks that measure them
+are in tests/benchmarks/)."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import json
 import math
-import sys
 
 import pytest
 import torch
-from helpers import REPO, demo_data, need_extra, tiny_module, trainer
+from helpers import demo_data, tiny_module, trainer
 
 from xright_pl import Sequential, Single
 from xright_pl.core.errors import ConfigError
@@ -168,105 +165,3 @@ def test_group_by_length_trains_and_consumes_every_row(tmp_path):
     assert data.consumed_examples()["sft"] == 40
     order = data.streams["sft"]._order(0)
     assert sorted(order) == list(range(len(data.train_sets["sft"])))
-
-
-# ----------------------------------------------------------------------------------- benchmark smoke
-def _bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("step_speed", REPO / "benchmarks" / "step_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "step_speed", bench)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_step_speed_smoke(tmp_path, monkeypatch):
-    bench = _bench(monkeypatch)
-    args = ["--quick", "--out", str(tmp_path), "--no-trl", "--no-runs", "--only", "dpo,dpo_cached"]
-    table = bench.main([*args, "--pairs", "1", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--repeats", "1"])
-    with (tmp_path / "step_speed.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert rows == [{k: str(v) for k, v in r.items()} for r in table]
-    assert list(rows[0]) == list(bench.CSV_FIELDS)
-    got = {(r["system"], r["step"]) for r in rows}
-    assert got == {(s, k) for s in ("plain", "xright_pl") for k in ("dpo", "dpo_cached")} | {
-        ("plain", "dpo_fp32_log_softmax")
-    }
-    for r in rows:
-        assert float(r["tokens_per_s"]) > 0 and float(r["step_ms"]) > 0 and r["device"] == "cpu"
-    ratios = json.loads((tmp_path / "ratios.json").read_text())["ratios"]
-    assert ratios["xright dpo recomputed/cached time"] > 0 and ratios["xright/plain dpo time"] > 0
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny random Llama saved with the demo tokenizer (which has a chat template): a stand-in for a real model."""
-    from helpers import TINY_LLAMA
-
-    from xright_pl.data.encoding import load_tokenizer
-    from xright_pl.models.build import build_causal_lm
-
-    folder = tmp_path_factory.mktemp("real") / "model"
-    build_causal_lm(None, TINY_LLAMA, seed=0).save_pretrained(folder)
-    load_tokenizer("builtin:demo/tokenizer").save_pretrained(folder)
-    return folder
-
-
-def _real_args(model_folder, out, *extra):
-    data = ["--real-data", "builtin:demo/pref_train.jsonl", "--real-sft-data", "builtin:demo/sft_train.jsonl"]
-    sizes = ["--pairs", "2", "--seq-len", "48", "--steps", "2", "--warmup", "1", "--repeats", "1", "--pool", "40"]
-    return ["--real-model", str(model_folder), *data, *sizes, "--out", str(out), *extra]
-
-
-def test_step_speed_real_model(tmp_path, monkeypatch, model_folder):
-    bench = _bench(monkeypatch)
-    table = bench.main(_real_args(model_folder, tmp_path, "--no-trl"))
-    with (tmp_path / "step_speed.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert rows == [{k: str(v) for k, v in r.items()} for r in table]
-    assert list(rows[0]) == list(bench.REAL_CSV_FIELDS)
-    equal = {("equal", s, k) for s in ("plain", "xright_pl") for k in ("dpo", "dpo_cached", "sft")}
-    assert {(r["settings"], r["system"], r["step"]) for r in table} == equal | {
-        ("best", "xright_pl", k) for k in ("dpo_cached", "sft")
-    }
-    by = {(r["settings"], r["system"], r["step"]): r for r in table}
-    for step in ("dpo", "dpo_cached", "sft"):  # equal settings: the same batches, in the same order
-        plain, xright = by[("equal", "plain", step)], by[("equal", "xright_pl", step)]
-        assert plain["real_tokens"] == xright["real_tokens"] > 0
-        assert plain["padded_positions"] == xright["padded_positions"]
-        assert xright["vs_plain"] == pytest.approx(plain["real_tokens_per_s"] / xright["real_tokens_per_s"], rel=1e-3)
-    for r in table:
-        assert r["real_tokens_per_s"] > 0 and r["step_ms"] > 0 and 0 <= r["padding_share"] < 1
-    info = json.loads((tmp_path / "ratios.json").read_text())
-    assert info["targets"] == {f"equal: xright_pl/plain {k} time": ["<=", 1.05] for k in ("dpo", "dpo_cached", "sft")}
-    assert set(info["ratios"]) == set(info["targets"])
-    for shares in info["grouping_padding"].values():
-        assert shares["xright_pl"] <= shares["random"] and shares["transformers"] <= shares["random"]
-
-    # Best settings train length-grouped batches of the pool: the longest pair first, each batch a slice of a
-    # length-sorted mega-batch.
-    setup = bench.RealSetup(**{k: v for k, v in info["setup"].items()})
-    _, pool, _ = bench._real_pool(setup)
-    _, best, _ = bench.real_rows(setup, best=True)
-    length = lambda r: max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"]))  # noqa: E731
-    assert len(best) == setup.rows == 6 and len(pool) == 40
-    assert max(map(length, best[:2])) == max(map(length, pool))
-    for i in range(0, 6, 2):
-        assert length(best[i]) >= length(best[i + 1])
-
-
-def test_step_speed_real_model_trl(tmp_path, monkeypatch, model_folder):
-    """TRL trains exactly the batches of the other systems at each settings (same real tokens, same padding)."""
-    need_extra("trl")
-    bench = _bench(monkeypatch)
-    table = bench.main(_real_args(model_folder, tmp_path, "--only", "dpo_cached,sft"))
-    by = {(r["settings"], r["system"], r["step"]): r for r in table}
-    assert set(by) == {("equal", s, k) for s in ("plain", "xright_pl", "trl") for k in ("dpo_cached", "sft")} | {
-        ("best", s, k) for s in ("xright_pl", "trl") for k in ("dpo_cached", "sft")
-    }
-    for settings in ("equal", "best"):
-        for step in ("dpo_cached", "sft"):
-            trl, xright = by[(settings, "trl", step)], by[(settings, "xright_pl", step)]
-            assert (trl["real_tokens"], trl["padded_positions"]) == (xright["real_tokens"], xright["padded_positions"])
-            assert xright["vs_trl"] == pytest.approx(trl["real_tokens_per_s"] / xright["real_tokens_per_s"], rel=1e-3)
-    ratios = json.loads((tmp_path / "ratios.json").read_text())["ratios"]
-    assert {"best: xright_pl/trl dpo_cached time", "best: xright_pl/trl sft time"} <= set(ratios)

@@ -60,5 +60,6 @@ def test_optimizer_errors_not_about_a_setting_are_left_to_the_run():
 
     assert optimizer_problems(two_d_only) == []
     assert optimizer_problems(functools.partial(torch.optim.SGD, lr=0.1, momentum=-1)) == [
-        "--model.optimizer.init_args.momentum: the optimizer (torch.optim.sgd.SGD) refuses it: Invalid momentum value: -1"
+        "--model.optimizer.init_args.momentum: the optimizer (torch.optim.sgd.SGD) refuses it:"
+        " Invalid momentum value: -1"
     ]

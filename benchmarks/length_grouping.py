@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, 
 from bench_setup import Setup, add_setup_args, gpu_setup, prepare, quick_setup, sync, to_device  # noqa: E402
 
 
-def length_grouping(args: argparse.Namespace, setup: Setup) -> list[dict]:
+def length_grouping(args: argparse.Namespace, setup: Setup, out: Path) -> list[dict]:
     """Padding and DPO step speed of length-grouped vs random batches on a real preference file.
 
     Tokenizes the file with the library's loader (``datasets`` needed), builds the training stream with and
     without ``group_by_length``, and reports over one epoch the share of padded positions; then times plain
     DPO steps (policy + reference, the library's losses) on the first ``--steps`` batches of each order,
-    interleaved, and reports real (non-padding) tokens per second.
+    interleaved, and reports real (non-padding) tokens per second; writes ``out / length_grouping.json``.
     """
     from xright_pl import Batching, JointDataModule
     from xright_pl.data.sources import PreferenceData, SFTData
@@ -45,8 +45,6 @@ def length_grouping(args: argparse.Namespace, setup: Setup) -> list[dict]:
 
     pairs = args.pairs or setup.pairs
     steps = args.steps or setup.steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results, batches = [], {}
     for grouped in (False, True):
         dm = JointDataModule(
@@ -113,8 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         steps="timed batches of each order (default 8; --gpu: 10)",
     )
     args = parser.parse_args(argv)
-    prepare(args)
-    return length_grouping(args, gpu_setup() if args.gpu else quick_setup())
+    out = prepare(args)
+    return length_grouping(args, gpu_setup() if args.gpu else quick_setup(), out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ TRL is a benchmark-only extra (``pip install trl``); without it the TRL rows are
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import statistics
@@ -255,10 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads that wait on child processes
         rows = list(pool.map(lambda spec: _measured(spec, args.timeout), specs))
     table = [row for row in rows if row is not None]
-    with (out / "memory.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(table)
+    bench_setup.write_csv(out / "memory.csv", CSV_FIELDS, table)
     r = ratios(table)
     text = format_table(table, r)
     (out / "memory.md").write_text(text + "\n")

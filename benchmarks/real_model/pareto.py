@@ -364,6 +364,79 @@ def forgetting_markdown(rows: list[dict], runs: Path, seeds: list[int], plan: Pr
     return "\n".join(lines) + "\n"
 
 
+TRADEOFF_COLUMNS = ["method", "lam", "seed", "eval", "sft_loss", "dpo_loss", "weighted", "best_sft", "best_dpo",
+                    "sft_gap_best", "dpo_gap_best", "distance_best", "ideal_distance"]  # fmt: skip
+
+
+def tradeoff_rows(rows: list[dict], runs: Path, seeds: list[int]) -> list[dict]:
+    """Two views of each run's end point that need no E-epoch optimum (``pareto.csv``'s gaps use the E-epoch
+    single-objective runs, which other runs can pass): the target itself, ``weighted = lam * f_dpo + (1 - lam) *
+    f_sft``, and the distance to the *best-reached point* of its seed and evaluation, the lowest f_sft and the
+    lowest f_dpo that any finished run of that seed ended at (the single-objective runs of E and 2E epochs and every
+    method at every lam), so that every gap is >= 0."""
+    best: dict[tuple[int, str], list[float]] = {}
+
+    def reach(seed: int, name: str, f_sft: float, f_dpo: float) -> None:
+        b = best.setdefault((seed, name), [math.inf, math.inf])
+        b[0], b[1] = min(b[0], f_sft), min(b[1], f_dpo)
+
+    for r in rows:
+        reach(int(r["seed"]), r["eval"], r["sft_loss"], r["dpo_loss"])
+    for seed in seeds:
+        for method in (*pareto.SINGLES, *PLATEAU.values()):
+            path = runs / f"seed{seed}" / method / "summary.json"
+            if path.is_file():
+                s = json.loads(path.read_text())
+                for name, prefix in pareto.HELD_IN_AND_OUT.items():
+                    if f"{prefix}/sft_loss" in s:
+                        reach(seed, name, s[f"{prefix}/sft_loss"], s[f"{prefix}/dpo_loss"])
+    out = []
+    for r in rows:
+        b_sft, b_dpo = best[(int(r["seed"]), r["eval"])]
+        gap_sft, gap_dpo = r["sft_loss"] - b_sft, r["dpo_loss"] - b_dpo
+        out.append({
+            "method": r["method"], "lam": r["lam"], "seed": int(r["seed"]), "eval": r["eval"],
+            "sft_loss": r["sft_loss"], "dpo_loss": r["dpo_loss"],
+            "weighted": r["lam"] * r["dpo_loss"] + (1 - r["lam"]) * r["sft_loss"], "best_sft": b_sft, "best_dpo": b_dpo,
+            "sft_gap_best": gap_sft, "dpo_gap_best": gap_dpo, "distance_best": math.hypot(gap_sft, gap_dpo),
+            "ideal_distance": r["ideal_distance"],
+        })  # fmt: skip
+    return out
+
+
+def tradeoff_markdown(rows: list[dict]) -> str:
+    """``tradeoff.md``: per evaluation, lam and method, the mean ± std over seeds of the weighted target, the
+    distance to the best-reached point and ``pareto.csv``'s ideal distance (E-epoch optima)."""
+    lines = [
+        "# The trade-off, three ways",
+        "",
+        "Lower is better in every column; mean ± std over the seeds (column `seeds`). `weighted` is the target"
+        " `lam * f_dpo + (1 - lam) * f_sft` itself. `to best-reached` is the distance to the lowest f_sft and the"
+        " lowest f_dpo that any finished run of the same seed and evaluation ended at (single-objective runs of E and"
+        " 2E epochs, every method at every lam): an estimate of the ideal point that no run can pass, so every gap is"
+        " >= 0. `ideal distance (E f*)` is `pareto.csv`'s, against the single-objective runs of E epochs (the"
+        " paper's definition); a run that passes an E-epoch optimum is counted as far from it as one that falls short.",
+        "",
+    ]
+    names = pareto.METHODS
+    for name in dict.fromkeys(r["eval"] for r in rows):
+        lines += [f"## Evaluation: {name}", "", "| lam | method | seeds | f_sft | f_dpo | weighted | to best-reached |"
+                  " ideal distance (E f*) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        here = [r for r in rows if r["eval"] == name]
+        for lam in sorted({r["lam"] for r in here}):
+            for method in names:
+                sel = [r for r in here if r["lam"] == lam and r["method"] == method]
+                if not sel:
+                    continue
+                cells = []
+                for key in ("sft_loss", "dpo_loss", "weighted", "distance_best", "ideal_distance"):
+                    m, sd = pareto.mean_std([r[key] for r in sel])
+                    cells.append(f"{m:.3f} ± {sd:.3f}")
+                lines.append(f"| {lam:g} | {names[method]} | {len(sel)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def conflict_report(runs: Path, seeds: list[int], lams: list[float]) -> str:
     """Markdown: do the objectives conflict? The start point, each single-objective run's effect on the other
     objective, and each Sequential run's losses at the start, at the stage switch and at the end."""
@@ -536,6 +609,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = forgetting_rows(runs, seeds, lams, a.plan)
         pareto.write_csv(a.out / "forgetting.csv", rows, FORGETTING_COLUMNS)
         (a.out / "forgetting.md").write_text(forgetting_markdown(rows, runs, seeds, a.plan))
+        trade = tradeoff_rows(pareto.read_csv(a.out / "pareto.csv"), runs, seeds)
+        pareto.write_csv(a.out / "tradeoff.csv", trade, TRADEOFF_COLUMNS)
+        (a.out / "tradeoff.md").write_text(tradeoff_markdown(trade))
     (a.out / "commands.txt").write_text(finished_commands(a, runs, seeds, lams, settings))
     for summary in runs.rglob("summary.json"):
         dest = a.out / "runs" / summary.relative_to(runs)
@@ -570,15 +646,20 @@ def generate(a: argparse.Namespace, runs: Path, model_dir: Path, data_dir: Path)
         commands.append(" ".join(shlex.quote(x) for x in ["python", *args[1:]]))
     text = "\n".join(commands).replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
     (out / "commands.txt").write_text(text + "\n")
+    for settings in out.glob("*.settings.json"):  # paths beside the checkout, as commands.txt
+        settings.write_text(settings.read_text().replace(str(REPO.parent) + "/", "../"))
     (out / "answers.md").write_text(answers_markdown(out, list(models)))
 
 
 def answers_markdown(out: Path, names: list[str]) -> str:
     """The answers of every model side by side, prompt by prompt (greedy, as generated)."""
     answers = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
+    settings = out / f"{names[0]}.json.settings.json"
+    prompt_tokens = json.loads(settings.read_text()).get("max_prompt_length") if settings.exists() else None
+    fit = f"the last turns that fit in {prompt_tokens} tokens" if prompt_tokens else "whole prompts"
     lines = ["# Answers to held-out HH-RLHF prompts", "",
-             f"Greedy decoding, at most 96 new tokens, prompts through the chat template (the last turns that fit in"
-             f" 64 tokens). Models: {', '.join(names)}. Commands: `commands.txt`.", ""]  # fmt: skip
+             f"Greedy decoding, at most 96 new tokens, prompts through the chat template ({fit}; the prompts below"
+             f" are shown whole). Models: {', '.join(names)}. Commands: `commands.txt`.", ""]  # fmt: skip
     for i, row in enumerate(answers[names[0]]):
         prompt = row["instruction"].strip().replace("\n\n", " ").replace("\n", " ")
         lines += [f"## Prompt {i + 1}", "", f"> …{prompt[-400:]}" if len(prompt) > 400 else f"> {prompt}", ""]

@@ -320,6 +320,7 @@ def test_protocol_gather_writes_both_evaluations_and_the_forgetting(monkeypatch,
             "sequential", 8, (1.25, 0.2), (1.7, 0.65),
             [[0, 1.5, 0.69], [4, 1.0, 0.8], [8, 1.25, 0.2]], [[0, 1.7, 0.69], [4, 1.6, 0.7], [8, 1.7, 0.65]]),
         "lam0.5/alright": protocol_summary("alright", 8, (1.1, 0.3), (1.65, 0.66)),
+        "sft_only_2x": protocol_summary("sft_only", 8, (0.9, 0.85), (1.7, 0.75)),  # the plateau run: lower f_sft
     }  # fmt: skip
     for name, s in summaries.items():
         (runs / "seed0" / name).mkdir(parents=True)
@@ -352,6 +353,33 @@ def test_protocol_gather_writes_both_evaluations_and_the_forgetting(monkeypatch,
     md = (out / "pareto.md").read_text()
     assert "## Evaluation: held_in" in md and "## Evaluation: held_out" in md and "epochs of the training subsets" in md
     assert "| 0 | sft_only | 1 | held_in | 1.0000 | 0.8000 |" in (out / "forgetting.md").read_text()
+    assert "| 0 | sft_only_2x | 2 | held_in | 0.9000 | 0.8500 |" in (out / "forgetting.md").read_text()
+    # the trade-off without E-epoch optima: the target itself, and the distance to the best point any run reached
+    trade = {(r["method"], r["eval"]): r for r in drv.pareto.read_csv(out / "tradeoff.csv")}
+    alright_in = trade[("alright", "held_in")]
+    assert (alright_in["best_sft"], alright_in["best_dpo"]) == (0.9, 0.1)  # the 2E run's f_sft, DPO-only's f_dpo
+    assert alright_in["weighted"] == pytest.approx(0.5 * 0.3 + 0.5 * 1.1)
+    assert alright_in["distance_best"] == pytest.approx(math.hypot(0.2, 0.2))
+    assert alright_in["ideal_distance"] == pytest.approx(math.hypot(0.1, 0.2))  # pareto.csv's, against E epochs
+    seq_out = trade[("sequential_sft_dpo", "held_out")]
+    assert (seq_out["best_sft"], seq_out["best_dpo"]) == (1.6, 0.6)
+    assert seq_out["distance_best"] == pytest.approx(math.hypot(0.1, 0.05))
+    assert min(r["sft_gap_best"] for r in trade.values()) >= 0 and min(r["dpo_gap_best"] for r in trade.values()) >= 0
+    md = (out / "tradeoff.md").read_text()
+    assert "| 0.5 | ALRIGHT | 1 | 1.100 ± 0.000 | 0.300 ± 0.000 | 0.700 ± 0.000 | 0.283 ± 0.000 | 0.224 ± 0.000 |" in md
     assert json.loads((out / "subsets.json").read_text())["seed0/sft_train (alpaca_gpt4_sft_train.jsonl)"]
     commands = (out / "commands.txt").read_text().splitlines()
     assert len(commands) == 4 and all("--data.held_in=32" in c for c in commands)
+
+
+def test_answers_markdown_says_how_much_of_each_prompt_the_models_saw(monkeypatch, tmp_path):
+    drv = load_driver(monkeypatch)
+    for name, answer in (("reference", "Hello."), ("alright", "Hi there.")):
+        rows = [{"instruction": "Human: hi\n\nAssistant:", "output": answer}]
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    (tmp_path / "reference.json.settings.json").write_text(json.dumps({"max_prompt_length": 32}))
+    md = drv.answers_markdown(tmp_path, ["reference", "alright"])
+    assert "the last turns that fit in 32 tokens" in md and "Models: reference, alright" in md
+    assert "> Human: hi Assistant:" in md and "**reference**: Hello." in md and "**alright**: Hi there." in md
+    (tmp_path / "reference.json.settings.json").unlink()
+    assert "whole prompts" in drv.answers_markdown(tmp_path, ["reference", "alright"])

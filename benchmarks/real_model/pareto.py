@@ -318,6 +318,19 @@ def forgetting_rows(runs: Path, seeds: list[int], lams: list[float], plan: Proto
     return rows
 
 
+def single_runs(runs: Path, seed: int):
+    """``(method, optimizer steps, eval, f_sft, f_dpo)`` of each finished single-objective run of ``seed`` (E and 2E
+    epochs) and each evaluation it has."""
+    for method in (*pareto.SINGLES, *PLATEAU.values()):
+        path = runs / f"seed{seed}" / method / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        for name, prefix in pareto.HELD_IN_AND_OUT.items():
+            if f"{prefix}/sft_loss" in s:
+                yield method, s["optimizer_steps"], name, s[f"{prefix}/sft_loss"], s[f"{prefix}/dpo_loss"]
+
+
 def forgetting_markdown(rows: list[dict], runs: Path, seeds: list[int], plan: Protocol) -> str:
     """``forgetting.md``: the forgetting table, each Sequential run's trajectory, and the single-objective runs of E
     and 2E epochs (how far E is from a plateau)."""
@@ -341,16 +354,9 @@ def forgetting_markdown(rows: list[dict], runs: Path, seeds: list[int], plan: Pr
     lines += ["", "## Single-objective runs (the optima): E and 2E epochs", "",
               "| seed | run | epochs | eval | f_sft | f_dpo |", "|---|---|---|---|---|---|"]  # fmt: skip
     for seed in seeds:
-        for method in (*pareto.SINGLES, *PLATEAU.values()):
-            path = runs / f"seed{seed}" / method / "summary.json"
-            if not path.is_file():
-                continue
-            s = json.loads(path.read_text())
-            epochs = s["optimizer_steps"] / plan.steps_per_epoch
-            for name, prefix in pareto.HELD_IN_AND_OUT.items():
-                if f"{prefix}/sft_loss" in s:
-                    lines.append(f"| {seed} | {method} | {epochs:g} | {name} | {s[f'{prefix}/sft_loss']:.4f} |"
-                                 f" {s[f'{prefix}/dpo_loss']:.4f} |")  # fmt: skip
+        for method, steps, name, f_sft, f_dpo in single_runs(runs, seed):
+            epochs = steps / plan.steps_per_epoch
+            lines.append(f"| {seed} | {method} | {epochs:g} | {name} | {f_sft:.4f} | {f_dpo:.4f} |")
     lines += ["", "## Trajectories (every epoch: step, f_sft, f_dpo)", ""]
     for seed in seeds:
         for path in sorted((runs / f"seed{seed}").rglob("summary.json")):
@@ -383,13 +389,8 @@ def tradeoff_rows(rows: list[dict], runs: Path, seeds: list[int]) -> list[dict]:
     for r in rows:
         reach(int(r["seed"]), r["eval"], r["sft_loss"], r["dpo_loss"])
     for seed in seeds:
-        for method in (*pareto.SINGLES, *PLATEAU.values()):
-            path = runs / f"seed{seed}" / method / "summary.json"
-            if path.is_file():
-                s = json.loads(path.read_text())
-                for name, prefix in pareto.HELD_IN_AND_OUT.items():
-                    if f"{prefix}/sft_loss" in s:
-                        reach(seed, name, s[f"{prefix}/sft_loss"], s[f"{prefix}/dpo_loss"])
+        for _, _, name, f_sft, f_dpo in single_runs(runs, seed):
+            reach(seed, name, f_sft, f_dpo)
     out = []
     for r in rows:
         b_sft, b_dpo = best[(int(r["seed"]), r["eval"])]
@@ -418,13 +419,12 @@ def tradeoff_markdown(rows: list[dict]) -> str:
         " paper's definition); a run that passes an E-epoch optimum is counted as far from it as one that falls short.",
         "",
     ]
-    names = pareto.METHODS
     for name in dict.fromkeys(r["eval"] for r in rows):
         lines += [f"## Evaluation: {name}", "", "| lam | method | seeds | f_sft | f_dpo | weighted | to best-reached |"
                   " ideal distance (E f*) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         here = [r for r in rows if r["eval"] == name]
         for lam in sorted({r["lam"] for r in here}):
-            for method in names:
+            for method, label in pareto.METHODS.items():
                 sel = [r for r in here if r["lam"] == lam and r["method"] == method]
                 if not sel:
                     continue
@@ -432,7 +432,7 @@ def tradeoff_markdown(rows: list[dict]) -> str:
                 for key in ("sft_loss", "dpo_loss", "weighted", "distance_best", "ideal_distance"):
                     m, sd = pareto.mean_std([r[key] for r in sel])
                     cells.append(f"{m:.3f} ± {sd:.3f}")
-                lines.append(f"| {lam:g} | {names[method]} | {len(sel)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {lam:g} | {label} | {len(sel)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

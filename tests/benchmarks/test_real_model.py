@@ -383,3 +383,65 @@ def test_answers_markdown_says_how_much_of_each_prompt_the_models_saw(monkeypatc
     assert "> Human: hi Assistant:" in md and "**reference**: Hello." in md and "**alright**: Hi there." in md
     (tmp_path / "reference.json.settings.json").unlink()
     assert "whole prompts" in drv.answers_markdown(tmp_path, ["reference", "alright"])
+
+
+def load_trace(monkeypatch):
+    path = REPO / "benchmarks" / "real_model" / "maxright_trace.py"
+    spec = importlib.util.spec_from_file_location("maxright_trace", path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "maxright_trace", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_selector_trace_records_maxrights_inputs_and_leaves_the_run_unchanged(monkeypatch, tmp_path):
+    import lightning.pytorch as pl
+    import torch
+    from helpers import demo_data, tiny_module, trainer
+
+    from xright_pl import Maxright
+
+    mod = load_trace(monkeypatch)
+    weights = []
+    for traced in (False, True):
+        pl.seed_everything(0)
+        module = tiny_module()
+        sel = Maxright(f_sft_star=4.0, f_dpo_star=0.5, eval_every=3)
+        trace = mod.SelectorTrace(str(tmp_path / "trace.csv"))
+        callbacks = [sel, trace] if traced else [sel]
+        trainer(tmp_path / str(traced), 9, callbacks=callbacks).fit(module, datamodule=demo_data(limit=32))
+        weights.append(torch.cat([p.detach().flatten() for p in module.policy.parameters()]))
+    assert torch.equal(weights[0], weights[1])  # tracing reads the selector, it does not change the run
+
+    rows = mod.read_trace(tmp_path / "trace.csv")
+    assert [r["step"] for r in rows] == list(range(9))
+    assert [r["evaluated"] for r in rows] == [1, 0, 0, 1, 0, 0, 1, 0, 0]
+    for r in rows:  # the gaps are the weighted distances of the tracked values, and the decision follows them
+        assert r["gap_sft"] == pytest.approx(0.5 * (r["f_sft"] - 4.0))
+        assert r["gap_dpo"] == pytest.approx(0.5 * (r["f_dpo"] - 0.5))
+        assert r["decision"] == ("dpo" if r["gap_dpo"] >= r["gap_sft"] else "sft")
+    for prev, r in zip(rows, rows[1:]):  # between evaluations the trained objective's value is its refresh
+        if not r["evaluated"]:
+            assert r[f"f_{prev['decision']}"] == pytest.approx(prev["refreshed"])
+    counts = {b: sum(r["decision"] == b for r in rows) for b in ("sft", "dpo")}
+    assert counts == {"sft": module.steps["sft"], "dpo": module.steps["dpo"]}
+    assert counts["sft"] > 0 and counts["dpo"] > 0, counts  # both branches were traced
+
+
+def test_trace_epoch_table_counts_the_dpo_decisions_made_below_f_sft_star(monkeypatch):
+    mod = load_trace(monkeypatch)
+
+    def row(step, decision, f_sft, gap_sft, refreshed=math.nan):
+        return {"step": step, "evaluated": 0, "decision": decision, "f_sft": f_sft, "f_dpo": 0.1,
+                "gap_sft": gap_sft, "gap_dpo": 0.0, "refreshed": refreshed}  # fmt: skip
+
+    rows = [row(0, "sft", 1.5, 0.3, 1.5), row(1, "sft", 1.5, 0.3, 0.7), row(2, "dpo", 0.7, -0.05),
+            row(3, "dpo", 0.9, 0.05), row(4, "sft", 1.2, 0.2, 1.1), row(5, "dpo", 0.6, -0.1)]  # fmt: skip
+    table = mod.epoch_table(rows, {3: 1.25, 6: 1.0}, steps_per_epoch=3)
+    assert [(t["dpo_steps"], t["sft_steps"], t["dpo_with_sft_gap_le_0"]) for t in table] == [(1, 2, 1), (2, 1, 1)]
+    assert table[0]["tracked_f_sft_at_dpo"] == pytest.approx(0.7)
+    assert table[1]["tracked_f_sft_at_dpo"] == pytest.approx(0.75)
+    assert table[0]["sft_batch_loss_std"] == pytest.approx(math.sqrt(0.32))  # stdev of 1.5 and 0.7
+    assert math.isnan(table[1]["sft_batch_loss_std"])  # one SFT batch: no spread
+    assert [t["held_in_f_sft_at_end"] for t in table] == [1.25, 1.0]
+    assert mod.markdown(table).splitlines()[2].startswith("| 1 | 0-2 | 1 | 2 | 1 | 0.700 |")

@@ -397,3 +397,42 @@ def test_reloaded_training_loaders_continue_the_streams(tmp_path):
     plain = tmp_path / "plain"
     run(_fit_args("sft_only", plain, 30))
     assert _summary(root)["weights_sha256"] == _summary(plain)["weights_sha256"]
+
+
+def test_maxright_resume_goes_on_looking_ahead_where_it_stopped(tmp_path):
+    """MAXRIGHT's evaluations of an objective it keeps not training look further ahead each time; a resumed run
+    must go on from the same place (the count is checkpointed), or it would re-read a batch already evaluated."""
+    from xright_pl import Maxright
+
+    def evaluated_sft_batches(module):
+        seen, objective = [], module.objective
+
+        def recording(name, batch):
+            if name == "sft":
+                seen.append(tuple(batch.input_ids.flatten().tolist()))
+            return objective(name, batch)
+
+        module.objective = recording
+        return seen
+
+    def selector():
+        return Maxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)  # SFT gap < 0: DPO at every step
+
+    full = tiny_module(selector())
+    full_seen = evaluated_sft_batches(full)
+    _fit_with_checkpoints(tmp_path / "full", None, steps=6, every=3, module=full)
+    first = tiny_module(selector())
+    first_seen = evaluated_sft_batches(first)
+    _fit_with_checkpoints(tmp_path / "resumed", None, steps=3, every=3, module=first)
+    assert first.evaluations_untrained == {"sft": 3}
+    resumed = tiny_module(selector())
+    resumed_seen = evaluated_sft_batches(resumed)
+    t = pl.Trainer(
+        default_root_dir=str(tmp_path / "resumed"), max_steps=6, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+        val_check_interval=6, check_val_every_n_epoch=None, callbacks=[XRightCheckpoint(every_n_train_steps=3)],
+    )  # fmt: skip
+    t.fit(resumed, datamodule=demo_data(limit=32), ckpt_path=str(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+    assert len(set(full_seen)) == 6
+    assert first_seen + resumed_seen == full_seen
+    assert resumed.evaluations_untrained == {"sft": 6}

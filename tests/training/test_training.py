@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -113,6 +114,61 @@ def test_maxright_evaluates_every_k_and_skips_no_data(tmp_path):
     assert module.steps == {"sft": branches.count("sft"), "dpo": branches.count("dpo")}
     # An evaluated but untrained batch is not dropped: consumption equals the trained steps exactly.
     assert data.consumed_examples() == {"sft": 4 * module.steps["sft"], "dpo": 2 * module.steps["dpo"]}
+
+
+def _recording_batches(module):
+    """Wrap ``module.objective`` to record ``(name, grad enabled, SFT batch's token ids)`` of every forward."""
+    calls = []
+    objective = module.objective
+
+    def recording(name, batch):
+        ids = tuple(batch.input_ids.flatten().tolist()) if name == "sft" else None
+        calls.append((name, torch.is_grad_enabled(), ids))
+        return objective(name, batch)
+
+    module.objective = recording
+    return calls
+
+
+def test_maxright_evaluations_in_a_row_see_new_batches_and_skip_none(tmp_path):
+    """An objective evaluated and not trained keeps its batch for its next step; its next evaluation must look at
+    another batch, or one easy batch (below f*) would hold the decision for the rest of the run (issue 22's
+    MAXRIGHT: SFT never trained again after one 4-row batch at 0.3 against f_sft* 0.81)."""
+    steps = 6
+    sel = RecMaxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)  # the SFT gap is negative: always DPO
+    module = tiny_module(sel)
+    calls = _recording_batches(module)
+    data = demo_data()
+    trainer(tmp_path, steps).fit(module, datamodule=data)
+    assert [b for _, b, _ in sel.decisions] == ["dpo"] * steps
+    sft_evaluations = [ids for name, grad, ids in calls if name == "sft"]
+    assert len(sft_evaluations) == steps and len(set(sft_evaluations)) == steps  # a new batch every time
+    assert data.consumed_examples() == {"sft": 0, "dpo": 2 * steps}  # and none of them was skipped
+    assert module.evaluations_untrained == {"sft": steps}
+
+
+def test_maxright_trains_in_order_after_looking_ahead(tmp_path):
+    """After evaluations that looked ahead, the objective trains its batches in stream order from the one it
+    kept, and that first training forward is not a reused look-ahead graph."""
+    steps = 16
+    sel = RecMaxright(f_sft_star=4.6, f_dpo_star=0.0, eval_every=1)
+    module = tiny_module(sel)
+    calls = _recording_batches(module)
+    data = demo_data()
+    trainer(tmp_path, steps).fit(module, datamodule=data)
+    trained = [ids for name, grad, ids in calls if name == "sft" and grad]
+    branches = [b for _, b, _ in sel.decisions]
+    assert 0 < branches.count("sft") < steps, branches
+    stream = data.streams["sft"]
+    fresh = copy.copy(stream)  # the same stream from its start: the batches in order, read again from its seed
+    fresh.epoch, fresh.position, fresh._iter, fresh._buffer, fresh._read = 0, 0, None, [], (0, 0)
+    stream_order = [tuple(fresh.peek(i).input_ids.flatten().tolist()) for i in range(stream.consumed_batches)]
+    assert stream.consumed_batches == branches.count("sft")
+    # Forwards with a graph: each SFT step's (a reused evaluation graph counts once), plus at most the pending batch
+    # evaluated with its graph at a last step that then trained DPO.
+    trained_batches = list(dict.fromkeys(trained))
+    assert trained_batches[: len(stream_order)] == stream_order
+    assert len(trained_batches) - len(stream_order) in (0, 1)
 
 
 def test_maxright_evaluation_keeps_one_graph(tmp_path):

@@ -18,12 +18,14 @@ class Maxright(Selector):
     """MAXRIGHT: train the objective with the larger weighted gap to its optimum.
 
     DPO is trained when ``lam * (f_dpo - f_dpo_star) >= (1 - lam) * (f_sft - f_sft_star)``, else SFT; with K
-    objectives, the one with the largest ``lambda_k (f_k - f_k*)`` (ties: the later objective). The
-    losses ``f`` are tracked values: every ``eval_every`` optimizer steps (and at step 0) both objectives are
-    evaluated on their current batches; in between, only the objective just trained is refreshed, from its
-    own pre-update batch loss. ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10. With gradient
-    accumulation an evaluation looks at the step's first micro-batch of each objective, and the refresh at the
-    step's token-weighted mean over all of them. At ``lam`` 0 or 1 the target is one objective, and MAXRIGHT
+    objectives, the one with the largest ``lambda_k (f_k - f_k*)`` (ties: the later objective). The losses ``f`` are
+    tracked values: every ``eval_every`` optimizer steps (and at step 0) both objectives are evaluated on their
+    current batches; in between, only the objective just trained is refreshed, from its own pre-update batch loss.
+    An objective evaluated and not trained keeps its batch for its next training step (no data is skipped); its next
+    evaluation looks at a batch further ahead in its stream, not at that same batch again, so one easy batch cannot
+    hold the decision (trained later, in order). ``eval_every=1`` is exact MAXRIGHT; the paper's runs use 10. With
+    gradient accumulation an evaluation looks at the step's first micro-batch of each objective, and the refresh at
+    the step's token-weighted mean over all of them. At ``lam`` 0 or 1 the target is one objective, and MAXRIGHT
     trains only that one (as ALRIGHT, Mix and Sequential do), whatever the gaps.
 
     Memory: on an evaluation step the module evaluates the objective trained at the previous step with its

@@ -160,6 +160,9 @@ class XRightModule(pl.LightningModule):
         #: The random stream of the training steps (dropout), checkpointed (see :mod:`xright_pl.training.rng`).
         self.training_rng = RngStream()
         self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
+        #: Per objective, its evaluations in a row without a training step in between (checkpointed): its next
+        #: evaluation looks that many optimizer steps' batches ahead (see :meth:`_evaluation_batch`).
+        self.evaluations_untrained: dict[str, int] = {}
         self._log_window = StepLogWindow()
         self._device_batches: dict[str, Any] = {}  # this micro-batch's batches on the device, by objective
         self._fused: dict[str, bool] = {}  # "policy"/"reference": whether the fused log-prob path applies (probed once)
@@ -451,6 +454,29 @@ class XRightModule(pl.LightningModule):
             self._device_batches[name] = item
         return self._device_batches[name]
 
+    def _evaluation_offset(self, batch: Mapping[str, Any], name: str) -> int:
+        """How many batches ahead of its next training batch objective ``name``'s evaluation looks: 0 when it was
+        trained since its last evaluation, else one optimizer step's batches further for every evaluation in a row
+        without training (wrapping around after an epoch). Without a stream (a plain batch): 0."""
+        item = batch[name]
+        if not isinstance(item, StreamTicket):
+            return 0
+        return self.evaluations_untrained.get(name, 0) * self.accumulator.accumulate % len(item.stream)
+
+    def _evaluation_batch(self, batch: Mapping[str, Any], name: str) -> Any:
+        """The batch that objective ``name``'s evaluation (MAXRIGHT's) looks at, on the device.
+
+        An objective evaluated and then not trained keeps its batch for its next training step (nothing is
+        skipped), so evaluating that same batch again would show the selector one fixed sample every time: one
+        easy batch, below f*, would lock the decision for the rest of the run. Each further evaluation in a row
+        therefore looks at a batch not yet looked at, further ahead in the stream (fetched once, trained later in
+        order).
+        """
+        offset = self._evaluation_offset(batch, name)
+        if offset == 0:
+            return self._batch(batch, name)
+        return self.trainer.strategy.batch_to_device(batch[name].stream.peek(offset))
+
     def _consume(self, batch: Mapping[str, Any], name: str, out: ObjectiveOutput) -> None:
         item = batch[name]
         if isinstance(item, StreamTicket):
@@ -498,11 +524,18 @@ class XRightModule(pl.LightningModule):
     def _begin_step(self, step: int, batch: Mapping[str, Any]) -> None:
         """The selector sees the losses it needs and decides; every process checks that it decided the same."""
         selector, acc = self.selector, self.accumulator
-        values = acc.evaluate(tuple(selector.needs(step)), lambda name: self.objective(name, self._batch(batch, name)))
+        names = tuple(selector.needs(step))
+        ahead = tuple(k for k in names if self._evaluation_offset(batch, k) > 0)  # not the batch it would train
+        values = acc.evaluate(names, lambda name: self.objective(name, self._evaluation_batch(batch, name)), ahead)
         values = self._reduce(values)
         decision = selector.decide(step, values)
         # A chosen objective that was evaluated without a graph runs its forward again (with one).
         self.reevaluated_forwards += acc.choose(decision, values)
+        for name in values:
+            if name not in decision.weights:
+                self.evaluations_untrained[name] = self.evaluations_untrained.get(name, 0) + 1
+        for name in decision.weights:
+            self.evaluations_untrained.pop(name, None)
         # Every process must train the same objective(s): checked before any backward pass (one tiny all-gather).
         check_agreement(self.trainer.strategy, step, decision, type(selector).__name__, tuple(self.objectives))
         if decision.reset_optimizer:

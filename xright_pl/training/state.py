@@ -38,6 +38,7 @@ def save_state(module: Any, run: dict[str, str] | None) -> dict[str, Any]:
         "nonfinite_in_a_row": module.nonfinite_guard.in_a_row,
         "reevaluated_forwards": module.reevaluated_forwards,
         "last_weights": dict(module.accumulator.last_weights),
+        "evaluations_untrained": dict(module.evaluations_untrained),
         "run": run,
         "objectives": {name: o.kind for name, o in module.objectives.items()},
         "weights": module.target(),
@@ -92,6 +93,7 @@ def load_state(module: Any, checkpoint: dict[str, Any]) -> None:
     module.nonfinite_guard.in_a_row = state.get("nonfinite_in_a_row", 0)
     module.reevaluated_forwards = state.get("reevaluated_forwards", 0)
     module.accumulator.last_weights = dict(state.get("last_weights", {}))
+    module.evaluations_untrained = dict(state.get("evaluations_untrained", {}))
     sd = checkpoint["state_dict"]
     if module.reference is not None and not any(k.startswith("reference.") for k in sd):
         sd.update({f"reference.{k}": v for k, v in module.reference.state_dict().items()})

@@ -102,25 +102,30 @@ class StepAccumulator:
         return self.micro == self.accumulate - 1
 
     # ------------------------------------------------------------------ start of a step
-    def evaluate(self, names: tuple[str, ...], run: Callable[[str], ObjectiveOutput]) -> dict[str, Tensor]:
-        """The current-batch losses of ``names`` for the selector (MAXRIGHT's evaluation steps), by ``run(name)``.
+    def evaluate(
+        self, names: tuple[str, ...], run: Callable[[str], ObjectiveOutput], ahead: tuple[str, ...] = ()
+    ) -> dict[str, Tensor]:
+        """The losses of ``names`` for the selector (MAXRIGHT's evaluation steps), by ``run(name)``.
 
         Only one graph is kept: the objective trained at the previous step (the likely choice) is evaluated with
         its graph, kept for the backward if it is chosen; the others run without a graph, first, so their
-        activations are gone before the graph is built. Peak memory stays that of one objective.
+        activations are gone before the graph is built. Peak memory stays that of one objective. ``ahead``: the
+        objectives evaluated on a batch other than the one they would train on (never kept with a graph).
         """
         self._evaluated = {}
         if not names:
             return {}
-        likely = next((k for k in names if k in self.last_weights), names[0])
+        candidates = [k for k in names if k not in ahead]
+        likely = next((k for k in candidates if k in self.last_weights), candidates[0] if candidates else None)
         values = {}
         with torch.no_grad():
             for name in names:
                 if name != likely:
                     values[name] = run(name).loss
-        self._evaluated[likely] = run(likely)
-        values[likely] = self._evaluated[likely].loss.detach()
-        return values
+        if likely is not None:
+            self._evaluated[likely] = run(likely)
+            values[likely] = self._evaluated[likely].loss.detach()
+        return {k: values[k] for k in names}
 
     def choose(self, decision: Decision, evaluated: Iterable[str]) -> int:
         """Take the selector's ``decision`` for this step. The graph of an evaluated objective that is not chosen

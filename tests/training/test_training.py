@@ -147,6 +147,23 @@ def test_maxright_evaluations_in_a_row_see_new_batches_and_skip_none(tmp_path):
     assert module.evaluations_untrained == {"sft": steps}
 
 
+def test_maxright_look_ahead_reaches_every_batch_of_a_short_stream_with_accumulation(tmp_path):
+    """The n-th evaluation in a row reads the (n mod L)-th untrained batch: with 2 batches an epoch and 2
+    micro-batches a step, both batches are looked at (a look-ahead of whole steps would read batch 0 only)."""
+    steps = 6
+    sel = RecMaxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)
+    module = tiny_module(sel, accumulate_grad_batches=2)
+    calls = _recording_batches(module)
+    data = demo_data(limit=8)  # 8 SFT rows, 4 a batch: 2 batches an epoch
+    trainer(tmp_path, steps).fit(module, datamodule=data)
+    assert len(data.streams["sft"]) == 2
+    sft_evaluations = [ids for name, grad, ids in calls if name == "sft"]
+    assert len(sft_evaluations) == steps
+    assert sft_evaluations[0::2] == [sft_evaluations[0]] * 3 and sft_evaluations[1::2] == [sft_evaluations[1]] * 3
+    assert sft_evaluations[0] != sft_evaluations[1]
+    assert data.consumed_examples()["sft"] == 0
+
+
 def test_maxright_trains_in_order_after_looking_ahead(tmp_path):
     """After evaluations that looked ahead, the objective trains its batches in stream order from the one it
     kept, and that first training forward is not a reused look-ahead graph."""
@@ -164,9 +181,10 @@ def test_maxright_trains_in_order_after_looking_ahead(tmp_path):
     fresh.epoch, fresh.position, fresh._iter, fresh._buffer, fresh._read = 0, 0, None, [], (0, 0)
     stream_order = [tuple(fresh.peek(i).input_ids.flatten().tolist()) for i in range(stream.consumed_batches)]
     assert stream.consumed_batches == branches.count("sft")
-    # Forwards with a graph: each SFT step's (a reused evaluation graph counts once), plus at most the pending batch
-    # evaluated with its graph at a last step that then trained DPO.
-    trained_batches = list(dict.fromkeys(trained))
+    # Forwards with a graph, repeats in a row collapsed (an evaluation graph dropped when the decision went the other
+    # way, then the same kept batch trained): each SFT step's batch once, in stream order, plus at most the pending
+    # batch evaluated with its graph at a last step that then trained DPO. A batch trained twice would show.
+    trained_batches = [ids for i, ids in enumerate(trained) if i == 0 or ids != trained[i - 1]]
     assert trained_batches[: len(stream_order)] == stream_order
     assert len(trained_batches) - len(stream_order) in (0, 1)
 

@@ -161,7 +161,7 @@ class XRightModule(pl.LightningModule):
         self.training_rng = RngStream()
         self.reevaluated_forwards = 0  # evaluation steps whose chosen objective had been evaluated without graph
         #: Per objective, its evaluations in a row without a training step in between (checkpointed): its next
-        #: evaluation looks that many optimizer steps' batches ahead (see :meth:`_evaluation_batch`).
+        #: evaluation looks that many batches ahead (see :meth:`_evaluation_batch`).
         self.evaluations_untrained: dict[str, int] = {}
         self._log_window = StepLogWindow()
         self._device_batches: dict[str, Any] = {}  # this micro-batch's batches on the device, by objective
@@ -456,12 +456,13 @@ class XRightModule(pl.LightningModule):
 
     def _evaluation_offset(self, batch: Mapping[str, Any], name: str) -> int:
         """How many batches ahead of its next training batch objective ``name``'s evaluation looks: 0 when it was
-        trained since its last evaluation, else one optimizer step's batches further for every evaluation in a row
-        without training (wrapping around after an epoch). Without a stream (a plain batch): 0."""
+        trained since its last evaluation, else one batch further for every evaluation in a row without training,
+        wrapping around after one epoch's batches (so the ``n``-th such evaluation reads the ``n mod L``-th untrained
+        batch of a stream of ``L`` batches). Without a stream (a plain batch): 0."""
         item = batch[name]
         if not isinstance(item, StreamTicket):
             return 0
-        return self.evaluations_untrained.get(name, 0) * self.accumulator.accumulate % len(item.stream)
+        return self.evaluations_untrained.get(name, 0) % len(item.stream)
 
     def _evaluation_batch(self, batch: Mapping[str, Any], name: str) -> Any:
         """The batch that objective ``name``'s evaluation (MAXRIGHT's) looks at, on the device.
@@ -469,8 +470,9 @@ class XRightModule(pl.LightningModule):
         An objective evaluated and then not trained keeps its batch for its next training step (nothing is
         skipped), so evaluating that same batch again would show the selector one fixed sample every time: one
         easy batch, below f*, would lock the decision for the rest of the run. Each further evaluation in a row
-        therefore looks at a batch not yet looked at, further ahead in the stream (fetched once, trained later in
-        order).
+        therefore looks at the next batch of the stream (up to one epoch ahead: every batch of the epoch is looked
+        at before one is looked at again); the batches in between are fetched once, kept on the host until they
+        are trained (at most one epoch of collated token ids), and trained later in order.
         """
         offset = self._evaluation_offset(batch, name)
         if offset == 0:

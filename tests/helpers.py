@@ -31,14 +31,32 @@ def need_extra(module: str):
     return pytest.importorskip(module, reason=reason)
 
 
-def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``benchmarks/<name>.py`` loaded by path as module ``name``, in ``sys.modules`` for the calling test only (a
-    dataclass needs its module there); the script puts ``benchmarks/`` on ``sys.path`` for its shared helpers."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch, path: str | None = None) -> ModuleType:
+    """``benchmarks/<name>.py`` (or ``benchmarks/<path>``) loaded by path as module ``name``, in ``sys.modules`` for
+    the calling test only (a dataclass needs its module there); the script puts ``benchmarks/`` on ``sys.path`` for
+    its shared helpers."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / (path or f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def recording_forwards(module) -> list[tuple[str, bool, tuple | None]]:
+    """Wrap ``module.objective`` to record ``(name, grad enabled, the SFT batch's token ids or None)`` of every
+    forward, in order (the list is filled as the module runs)."""
+    import torch
+
+    calls = []
+    objective = module.objective
+
+    def recording(name, batch):
+        ids = tuple(batch.input_ids.flatten().tolist()) if name == "sft" else None
+        calls.append((name, torch.is_grad_enabled(), ids))
+        return objective(name, batch)
+
+    module.objective = recording
+    return calls
 
 
 TINY_LLAMA = {

@@ -16,18 +16,14 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "real_model" / "get_smollm2.py"
 TIMEOUT = 1800  # generous: the machine may be very loaded; nothing here waits on time
 
 
 def load_script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("get_smollm2", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "get_smollm2", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("get_smollm2", monkeypatch, "real_model/get_smollm2.py")
 
 
 def test_missing_package_is_a_clear_error_with_the_pip_command(monkeypatch, tmp_path, capsys):
@@ -138,11 +134,7 @@ def test_alright_config_trains_smollm2_for_three_steps(smollm2, tmp_path):
 # ------------------------------------------------------------------ benchmarks/real_model/pareto.py (offline parts)
 def load_driver(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_pareto", REPO / "benchmarks" / "real_model" / "pareto.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "real_pareto", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("real_pareto", monkeypatch, "real_model/pareto.py")
 
 
 def test_driver_settings_and_conflict_report(monkeypatch, tmp_path):
@@ -386,12 +378,7 @@ def test_answers_markdown_says_how_much_of_each_prompt_the_models_saw(monkeypatc
 
 
 def load_trace(monkeypatch):
-    path = REPO / "benchmarks" / "real_model" / "maxright_trace.py"
-    spec = importlib.util.spec_from_file_location("maxright_trace", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "maxright_trace", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("maxright_trace", monkeypatch, "real_model/maxright_trace.py")
 
 
 def test_selector_trace_records_maxrights_inputs_and_leaves_the_run_unchanged(monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import REPO, demo_data, small_fit_args, tiny_module, trainer
+from helpers import REPO, demo_data, recording_forwards, small_fit_args, tiny_module, trainer
 
 from xright_pl import Alright, Mix, Sequential, Single, XRightCheckpoint
 from xright_pl.callbacks.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, checkpoint_step
@@ -404,35 +404,28 @@ def test_maxright_resume_goes_on_looking_ahead_where_it_stopped(tmp_path):
     must go on from the same place (the count is checkpointed), or it would re-read a batch already evaluated."""
     from xright_pl import Maxright
 
-    def evaluated_sft_batches(module):
-        seen, objective = [], module.objective
-
-        def recording(name, batch):
-            if name == "sft":
-                seen.append(tuple(batch.input_ids.flatten().tolist()))
-            return objective(name, batch)
-
-        module.objective = recording
-        return seen
+    def sft_batches(calls):  # SFT is never trained here: every SFT forward is an evaluation
+        return [ids for name, _, ids in calls if name == "sft"]
 
     def selector():
         return Maxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)  # SFT gap < 0: DPO at every step
 
     full = tiny_module(selector())
-    full_seen = evaluated_sft_batches(full)
+    full_calls = recording_forwards(full)
     _fit_with_checkpoints(tmp_path / "full", None, steps=6, every=3, module=full)
     first = tiny_module(selector())
-    first_seen = evaluated_sft_batches(first)
+    first_calls = recording_forwards(first)
     _fit_with_checkpoints(tmp_path / "resumed", None, steps=3, every=3, module=first)
     assert first.evaluations_untrained == {"sft": 3}
     resumed = tiny_module(selector())
-    resumed_seen = evaluated_sft_batches(resumed)
+    resumed_calls = recording_forwards(resumed)
     t = pl.Trainer(
         default_root_dir=str(tmp_path / "resumed"), max_steps=6, accelerator="cpu", devices=1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
         val_check_interval=6, check_val_every_n_epoch=None, callbacks=[XRightCheckpoint(every_n_train_steps=3)],
     )  # fmt: skip
     t.fit(resumed, datamodule=demo_data(limit=32), ckpt_path=str(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+    full_seen = sft_batches(full_calls)
     assert len(set(full_seen)) == 6
-    assert first_seen + resumed_seen == full_seen
+    assert sft_batches(first_calls) + sft_batches(resumed_calls) == full_seen
     assert resumed.evaluations_untrained == {"sft": 6}

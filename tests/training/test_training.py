@@ -9,7 +9,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import demo_data, tiny_module, trainer
+from helpers import demo_data, recording_forwards, tiny_module, trainer
 
 from xright_pl import Alright, Maxright, Mix, Sequential, Single
 from xright_pl.callbacks.summary import weights_sha256
@@ -116,20 +116,6 @@ def test_maxright_evaluates_every_k_and_skips_no_data(tmp_path):
     assert data.consumed_examples() == {"sft": 4 * module.steps["sft"], "dpo": 2 * module.steps["dpo"]}
 
 
-def _recording_batches(module):
-    """Wrap ``module.objective`` to record ``(name, grad enabled, SFT batch's token ids)`` of every forward."""
-    calls = []
-    objective = module.objective
-
-    def recording(name, batch):
-        ids = tuple(batch.input_ids.flatten().tolist()) if name == "sft" else None
-        calls.append((name, torch.is_grad_enabled(), ids))
-        return objective(name, batch)
-
-    module.objective = recording
-    return calls
-
-
 def test_maxright_evaluations_in_a_row_see_new_batches_and_skip_none(tmp_path):
     """An objective evaluated and not trained keeps its batch for its next step; its next evaluation must look at
     another batch, or one easy batch (below f*) would hold the decision for the rest of the run (issue 22's
@@ -137,7 +123,7 @@ def test_maxright_evaluations_in_a_row_see_new_batches_and_skip_none(tmp_path):
     steps = 6
     sel = RecMaxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)  # the SFT gap is negative: always DPO
     module = tiny_module(sel)
-    calls = _recording_batches(module)
+    calls = recording_forwards(module)
     data = demo_data()
     trainer(tmp_path, steps).fit(module, datamodule=data)
     assert [b for _, b, _ in sel.decisions] == ["dpo"] * steps
@@ -153,7 +139,7 @@ def test_maxright_look_ahead_reaches_every_batch_of_a_short_stream_with_accumula
     steps = 6
     sel = RecMaxright(f_sft_star=100.0, f_dpo_star=0.0, eval_every=1)
     module = tiny_module(sel, accumulate_grad_batches=2)
-    calls = _recording_batches(module)
+    calls = recording_forwards(module)
     data = demo_data(limit=8)  # 8 SFT rows, 4 a batch: 2 batches an epoch
     trainer(tmp_path, steps).fit(module, datamodule=data)
     assert len(data.streams["sft"]) == 2
@@ -170,7 +156,7 @@ def test_maxright_trains_in_order_after_looking_ahead(tmp_path):
     steps = 16
     sel = RecMaxright(f_sft_star=4.6, f_dpo_star=0.0, eval_every=1)
     module = tiny_module(sel)
-    calls = _recording_batches(module)
+    calls = recording_forwards(module)
     data = demo_data()
     trainer(tmp_path, steps).fit(module, datamodule=data)
     trained = [ids for name, grad, ids in calls if name == "sft" and grad]
@@ -195,22 +181,15 @@ def test_maxright_evaluation_keeps_one_graph(tmp_path):
     steps = 16
     sel = RecMaxright(f_sft_star=4.6, f_dpo_star=0.0, eval_every=1)
     module = tiny_module(sel)
-    calls = []
-    objective = module.objective
-
-    def recording(name, batch):
-        calls.append((name, torch.is_grad_enabled()))
-        return objective(name, batch)
-
-    module.objective = recording
+    calls = recording_forwards(module)
     t = trainer(tmp_path, steps)
     t.fit(module, datamodule=demo_data())
     branches = [b for _, b, _ in sel.decisions]
     switches = sum(a != b for a, b in zip(["sft", *branches], branches))  # the first guess is sft
     assert 0 < switches < steps, branches  # both cases happen
     assert module.reevaluated_forwards == switches
-    assert sum(not grad for _, grad in calls) == steps  # one graph-free evaluation per step
-    assert sum(grad for _, grad in calls) == steps + switches  # the trained forward; again after a switch
+    assert sum(not grad for _, grad, _ in calls) == steps  # one graph-free evaluation per step
+    assert sum(grad for _, grad, _ in calls) == steps + switches  # the trained forward; again after a switch
     assert module.steps == {"sft": branches.count("sft"), "dpo": branches.count("dpo")}
 
 

@@ -464,8 +464,9 @@ class XRightModule(pl.LightningModule):
             return 0
         return self.evaluations_untrained.get(name, 0) % len(item.stream)
 
-    def _evaluation_batch(self, batch: Mapping[str, Any], name: str) -> Any:
-        """The batch that objective ``name``'s evaluation (MAXRIGHT's) looks at, on the device.
+    def _evaluation_batch(self, batch: Mapping[str, Any], name: str, offset: int) -> Any:
+        """The batch that objective ``name``'s evaluation (MAXRIGHT's) looks at, on the device: ``offset`` (from
+        :meth:`_evaluation_offset`) batches ahead of the one it would train on.
 
         An objective evaluated and then not trained keeps its batch for its next training step (nothing is
         skipped), so evaluating that same batch again would show the selector one fixed sample every time: one
@@ -474,7 +475,6 @@ class XRightModule(pl.LightningModule):
         at before one is looked at again); the batches in between are fetched once, kept on the host until they
         are trained (at most one epoch of collated token ids), and trained later in order.
         """
-        offset = self._evaluation_offset(batch, name)
         if offset == 0:
             return self._batch(batch, name)
         return self.trainer.strategy.batch_to_device(batch[name].stream.peek(offset))
@@ -526,9 +526,11 @@ class XRightModule(pl.LightningModule):
     def _begin_step(self, step: int, batch: Mapping[str, Any]) -> None:
         """The selector sees the losses it needs and decides; every process checks that it decided the same."""
         selector, acc = self.selector, self.accumulator
-        names = tuple(selector.needs(step))
-        ahead = tuple(k for k in names if self._evaluation_offset(batch, k) > 0)  # not the batch it would train
-        values = acc.evaluate(names, lambda name: self.objective(name, self._evaluation_batch(batch, name)), ahead)
+        offsets = {k: self._evaluation_offset(batch, k) for k in selector.needs(step)}
+        ahead = tuple(k for k, offset in offsets.items() if offset > 0)  # not the batch it would train on
+        values = acc.evaluate(
+            tuple(offsets), lambda name: self.objective(name, self._evaluation_batch(batch, name, offsets[name])), ahead
+        )
         values = self._reduce(values)
         decision = selector.decide(step, values)
         # A chosen objective that was evaluated without a graph runs its forward again (with one).
